@@ -1,0 +1,1 @@
+"""Variational posteriors q(z | x) matching ``ppl_vae.models``; installed as ``ppl_vae.guides``."""
