@@ -19,7 +19,7 @@ from ppl_vae.ledger import Ledger, elbo_ledger
 from ppl_vae.pair import inspect_pair
 from ppl_vae.posterior import enumerate_joint
 
-__all__ = ["CheckReport", "check_pair"]
+__all__ = ["CheckReport", "SweepPoint", "check_pair", "particle_sweep"]
 
 
 @dataclass(frozen=True)
@@ -181,3 +181,29 @@ def check_pair(
 def _name(fn: Callable) -> str:
     fn = getattr(fn, "func", fn)  # functools.partial
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """The sampled ELBO with ``num_particles`` particles: mean and standard error (nats)."""
+
+    num_particles: int
+    elbo: float
+    stderr: float
+
+
+def particle_sweep(
+    model: Callable,
+    guide: Callable,
+    *args,
+    particles: tuple[int, ...] = (10, 100, 1000, 10000),
+    **kwargs,
+) -> list[SweepPoint]:
+    """The Trace_ELBO estimate at each particle count: its s.e. shrinks as 1 / sqrt(N)."""
+    points = []
+    for n in particles:
+        ledger = elbo_ledger(
+            model, guide, *args, exact=False, num_particles=n, analytic_kl=False, **kwargs
+        )
+        points.append(SweepPoint(n, ledger.elbo, ledger.elbo_stderr))
+    return points
