@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch.distributions import constraints
 
+from ppl_vae.beta import kl_scale
 from ppl_vae.models.binary_toy import DECODER, PRIOR, as_data
 
 __all__ = ["DEFAULT_TABLE", "PARAM_NAME", "guide", "initialise"]
@@ -44,5 +44,5 @@ def guide(
         PARAM_NAME, lambda: x.new_tensor(DEFAULT_TABLE), constraint=constraints.unit_interval
     )
     with pyro.plate("data", x.shape[0]):
-        with poutine.scale(scale=beta):
+        with kl_scale(beta):
             pyro.sample("z", dist.Bernoulli(table[x.long()]))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
+
+from ppl_vae.beta import kl_scale
 
 __all__ = ["guide", "optimal_params", "set_params"]
 
@@ -26,7 +27,7 @@ def guide(
     c = pyro.param("lg_c", lambda: x.new_zeros(z_dim))
     log_scale = pyro.param("lg_log_scale", lambda: x.new_zeros(z_dim))
     with pyro.plate("data", x.shape[0]):
-        with poutine.scale(scale=beta):
+        with kl_scale(beta):
             pyro.sample("z", dist.Normal(x @ A.T + c, log_scale.exp()).to_event(1))
 
 

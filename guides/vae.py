@@ -9,9 +9,9 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
+from ppl_vae.beta import kl_scale
 from ppl_vae.models.vae import check_data as _check
 
 __all__ = ["guide"]
@@ -43,5 +43,5 @@ def guide(
     if z_dim is not None and mu.shape[-1] != z_dim:
         raise ValueError(f"the encoder returns z of size {mu.shape[-1]}, but z_dim={z_dim}")
     with pyro.plate("data", x.shape[0]):
-        with poutine.scale(scale=beta):
+        with kl_scale(beta):
             pyro.sample("z", dist.Normal(mu, torch.exp(0.5 * log_var)).to_event(1))

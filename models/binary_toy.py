@@ -9,8 +9,8 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 
+from ppl_vae.beta import kl_scale
 from ppl_vae.errors import DataError
 
 __all__ = ["DECODER", "PRIOR", "as_data", "model", "true_posterior"]
@@ -43,7 +43,7 @@ def model(
     x = as_data(x)
     table = x.new_tensor(decoder)
     with pyro.plate("data", x.shape[0]):
-        with poutine.scale(scale=beta):
+        with kl_scale(beta):
             z = pyro.sample("z", dist.Bernoulli(x.new_tensor(prior)))
         # Indexing (not torch.where) keeps the enumeration dims of z: shape (2, 1) when enumerated.
         pyro.sample("x", dist.Bernoulli(table[z.long()]), obs=x)

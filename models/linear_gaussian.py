@@ -9,7 +9,8 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
+
+from ppl_vae.beta import kl_scale
 
 __all__ = ["log_evidence", "model", "posterior"]
 
@@ -23,7 +24,7 @@ def model(
     """
     z_dim = W.shape[1]
     with pyro.plate("data", x.shape[0]):
-        with poutine.scale(scale=beta):
+        with kl_scale(beta):
             z = pyro.sample("z", dist.Normal(x.new_zeros(z_dim), 1.0).to_event(1))  # (.., N, d)
         pyro.sample("x", dist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
 

@@ -18,9 +18,9 @@ import warnings
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
+from ppl_vae.beta import kl_scale
 from ppl_vae.errors import DataError
 
 __all__ = [
@@ -190,7 +190,7 @@ def model(
         _check(x, x_dim=getattr(decoder, "x_dim", None), likelihood=likelihood)
     pyro.module("decoder", decoder)
     with pyro.plate("data", x.shape[0]):
-        with poutine.scale(scale=beta):
+        with kl_scale(beta):
             loc = x.new_zeros(z_dim)  # (z_dim,); the plates broadcast it to (..., N, z_dim)
             z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
         pyro.sample("x", observation(decoder, z, likelihood, sigma), obs=x)

@@ -10,9 +10,10 @@ import matplotlib
 matplotlib.use("Agg")  # figures are files: no display is needed or assumed
 
 import matplotlib.pyplot as plt
+import torch
 from matplotlib.figure import Figure
 
-__all__ = ["particles_figure", "save"]
+__all__ = ["image_grid", "particles_figure", "reconstructions_figure", "save"]
 
 
 def save(figure: Figure, path: str | Path) -> Path:
@@ -62,3 +63,47 @@ def particles_figure(
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
     return fig
+
+
+def _tile(images: torch.Tensor, image_shape: Sequence[int], ncol: int) -> torch.Tensor:
+    """(N, D) images -> one (rows*H, ncol*W[, C]) array, 1-pixel gaps between tiles."""
+    c, h, w = (1, *image_shape) if len(image_shape) == 2 else tuple(image_shape)
+    n = images.shape[0]
+    nrow = -(-n // ncol)
+    canvas = torch.ones(c, nrow * (h + 1) - 1, ncol * (w + 1) - 1)
+    tiles = images.detach().float().cpu().clamp(0, 1).reshape(n, c, h, w)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        canvas[:, r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = tiles[i]
+    return canvas[0] if c == 1 else canvas.permute(1, 2, 0)
+
+
+def image_grid(
+    images: torch.Tensor, image_shape: Sequence[int], *, ncol: int = 10, title: str = ""
+) -> Figure:
+    """A grid of (N, D) images with values in [0, 1] (samples from the prior, say)."""
+    canvas = _tile(images, image_shape, ncol)
+    fig, ax = plt.subplots(figsize=(ncol * 0.6, canvas.shape[0] / canvas.shape[1] * ncol * 0.6))
+    ax.imshow(canvas.numpy(), cmap="gray_r" if canvas.dim() == 2 else None, vmin=0, vmax=1)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def reconstructions_figure(
+    inputs: torch.Tensor,
+    reconstructions: torch.Tensor,
+    image_shape: Sequence[int],
+    *,
+    title: str = "inputs (odd rows) and their reconstructions (even rows)",
+) -> Figure:
+    """Inputs with their reconstructions beneath them, 10 per row pair."""
+    n = inputs.shape[0] - inputs.shape[0] % 10 or inputs.shape[0]
+    pairs = torch.stack(
+        [
+            inputs[:n].reshape(-1, 10, inputs.shape[-1]),
+            reconstructions[:n].reshape(-1, 10, inputs.shape[-1]),
+        ],
+        dim=1,
+    )  # (rows, 2, 10, D)
+    return image_grid(pairs.reshape(-1, inputs.shape[-1]), image_shape, ncol=10, title=title)
