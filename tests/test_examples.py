@@ -13,6 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each example with flags that keep it to seconds.
 EXAMPLES = {
     "01_binary_toy.py": ["--particles", "10,100", "--svi-steps", "50"],
+    "02_vae_fashion_mnist.py": [
+        "--dataset",
+        "digits",
+        "--z-dim",
+        "4",
+        "--hidden",
+        "32",
+        "--epochs",
+        "1",
+        "--iwae-k",
+        "10",
+        "--test-images",
+        "50",
+        "--no-progress",
+    ],
 }
 
 
