@@ -6,6 +6,10 @@ loss is -log p(x) (sum over the configurations of z, contracted plate by plate).
 IWAE (Burda et al. 2015): log p(x) >= E[log (1/K) sum_k p(x, z_k) / q(z_k | x)], z_k ~ q; the
 bound is non-decreasing in K and tends to log p(x). It factorises over every plate that holds
 all sites (e.g. the data plate of a VAE), giving one estimate per datapoint.
+
+For the Gaussian VAE pair, :func:`vae_iwae` computes the same bound without building Pyro
+traces: the encoder runs once per image, and each chunk of samples costs one decoder pass and
+closed-form Gaussian log-densities, so the decoder's matrix products dominate.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, config_enumerate
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ppl_vae.errors import NotEnumerableError
 from ppl_vae.pair import inspect_pair, sum_except, vectorized_traces
 
-__all__ = ["IWAEEstimate", "exact_log_evidence", "iwae_log_evidence"]
+__all__ = ["IWAEEstimate", "exact_log_evidence", "iwae_log_evidence", "vae_iwae", "vae_log_weights"]
 
 
 def _empty_guide(*args, **kwargs) -> None:
@@ -114,3 +119,88 @@ def iwae_log_evidence(
     return IWAEEstimate(
         per_item=per_item, num_samples=num_samples, plates=tuple(p[0] for p in shared_plates)
     )
+
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _bernoulli_log_prob(logits: Tensor, x: Tensor) -> Tensor:
+    """sum_d x_d l_d - softplus(l_d), the Bernoulli log-likelihood of binary x, summed over d.
+
+    softplus(l) = max(l, 0) + log(1 + exp(-|l|)), in place on ``logits`` (consumed): torch's
+    log1p-based kernels cost about 3x the decoder's matrix product here, log and exp do not.
+    Summed over 784 pixels the float32 error is ~1e-5 nats, as with torch's own softplus.
+    """
+    x_dot_l = (logits * x).sum(-1)  # (K, B)
+    tail = logits.abs().neg_().exp_().add_(1).log_()  # log(1 + exp(-|l|))
+    return x_dot_l - tail.add_(logits.clamp_(min=0)).sum(-1)
+
+
+def vae_log_weights(
+    encoder: nn.Module,
+    decoder: nn.Module,
+    x: Tensor,
+    eps: Tensor,
+    *,
+    likelihood: str = "bernoulli",
+    sigma: float | None = None,
+    moments: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """log w = log p(x | z) + log N(z; 0, I) - log q(z | x) at z = mu(x) + sigma(x) eps.
+
+    :param x: (B, D) images; :param eps: (K, B, z_dim) standard normal noise.
+    :param moments: (mu, log_var) of q(z | x) when already computed (they are per image).
+    :returns: (K, B) log-weights.
+    """
+    from ppl_vae.models.vae import observation  # the model's own likelihood, not a copy
+
+    mu, log_var = encoder(x) if moments is None else moments  # (B, z_dim) each
+    z = torch.addcmul(mu, (0.5 * log_var).exp(), eps)  # (K, B, z_dim)
+    if likelihood == "bernoulli":
+        log_px = _bernoulli_log_prob(decoder(z), x)  # (K, B)
+    else:
+        log_px = observation(decoder, z, likelihood, sigma).log_prob(x)  # (K, B)
+    # log N(z; 0, I) - log N(z; mu, sigma^2) = -z^2/2 + eps^2/2 + sum(log sigma); 2 pi cancels.
+    log_prior_ratio = 0.5 * (eps.square() - z.square()).sum(-1) + 0.5 * log_var.sum(-1)
+    return log_px + log_prior_ratio
+
+
+def vae_iwae(
+    encoder: nn.Module,
+    decoder: nn.Module,
+    images: Tensor,
+    *,
+    likelihood: str = "bernoulli",
+    sigma: float | None = None,
+    num_samples: int = 5000,
+    chunk_size: int = 500,
+    batch_size: int = 20,
+    progress: bool = False,
+) -> Tensor:
+    """The K-sample IWAE bound of the Gaussian VAE, per image ((N,) tensor, nats).
+
+    Memory is one (chunk_size, batch_size, D) block at a time whatever K and N are; draws
+    come from torch's global generator (seed it for reproducible values).
+    """
+    if num_samples < 1 or chunk_size < 1 or batch_size < 1:
+        raise ValueError(
+            f"num_samples, chunk_size and batch_size must be >= 1, got "
+            f"{num_samples}, {chunk_size}, {batch_size}"
+        )
+    out = []
+    starts = range(0, images.shape[0], batch_size)
+    with torch.no_grad():
+        for start in tqdm(starts, desc=f"IWAE K={num_samples}", unit="batch", disable=not progress):
+            x = images[start : start + batch_size]  # (B, D)
+            moments = encoder(x)
+            z_dim = moments[0].shape[-1]
+            running = x.new_full((x.shape[0],), -math.inf)
+            for first in range(0, num_samples, chunk_size):
+                k = min(chunk_size, num_samples - first)
+                eps = torch.randn(k, x.shape[0], z_dim, device=x.device, dtype=x.dtype)
+                log_w = vae_log_weights(
+                    encoder, decoder, x, eps, likelihood=likelihood, sigma=sigma, moments=moments
+                )
+                running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
+            out.append(running - math.log(num_samples))
+    return torch.cat(out)
