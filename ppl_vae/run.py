@@ -132,6 +132,7 @@ def load_run(
 ) -> TrainedRun:
     """Rebuild a run's networks from ``config.json`` and restore ``checkpoints/<name>.ckpt``."""
     path = Path(path)
+    device = resolve_device(device)
     try:
         run_config = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:
@@ -142,7 +143,7 @@ def load_run(
     except ValueError:
         raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON") from None
     config = VAEConfig.from_dict(run_config["vae"])
-    train_config = TrainConfig.from_dict({**run_config["train"], "device": device})
+    train_config = TrainConfig.from_dict({**run_config["train"], "device": str(device)})
     saved = load_checkpoint(path / "checkpoints" / f"{checkpoint}.ckpt")
     pyro.clear_param_store()
     vae = build_vae(config)
