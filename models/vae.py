@@ -22,6 +22,7 @@ from torch import nn
 
 from ppl_vae.beta import kl_scale
 from ppl_vae.errors import DataError
+from ppl_vae.fastmath import BernoulliLogits
 
 __all__ = [
     "BINARY_FIX",
@@ -140,7 +141,7 @@ def observation(
     _check_likelihood(likelihood)
     out = decoder(z)  # (..., x_dim): logits or mean
     if likelihood == "bernoulli":
-        return dist.Bernoulli(logits=out).to_event(1)
+        return BernoulliLogits(logits=out).to_event(1)
     if likelihood == "continuous-bernoulli":
         return dist.ContinuousBernoulli(logits=out).to_event(1)
     if sigma is not None:

@@ -1,0 +1,50 @@
+"""The Bernoulli log-likelihood with a softplus built from exp and log, fast on the CPU.
+
+softplus(l) = log(1 + e^l) = max(l, 0) + log(1 + exp(-|l|)); its derivative is sigmoid(l).
+torch's CPU kernels for softplus, log-sigmoid and binary cross-entropy go through log1p and
+cost about 3x the decoder's matrix product per element at D = 784; exp and log are
+vectorised. Summed over 784 pixels the float32 error is ~1e-5 nats, as with torch's softplus
+(log(1 + u) rounds to 0 for u < 6e-8, an absolute error below 6e-8 per pixel).
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor
+from torch.distributions.utils import broadcast_all
+
+__all__ = ["BernoulliLogits", "bernoulli_log_prob", "softplus"]
+
+
+class _Softplus(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        ctx.save_for_backward(logits)
+        return logits.abs().neg_().exp_().add_(1).log_().add_(logits.clamp(min=0))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (logits,) = ctx.saved_tensors
+        return grad * torch.sigmoid(logits)
+
+
+def softplus(logits: Tensor) -> Tensor:
+    """log(1 + exp(logits)), elementwise, differentiable (gradient sigmoid(logits))."""
+    return _Softplus.apply(logits)
+
+
+def bernoulli_log_prob(logits: Tensor, value: Tensor) -> Tensor:
+    """log Bernoulli(value; sigmoid(logits)) = value * logits - softplus(logits), elementwise."""
+    return value * logits - softplus(logits)
+
+
+class BernoulliLogits(dist.Bernoulli):
+    """Pyro's Bernoulli (build it with ``logits=``) whose ``log_prob`` is
+    :func:`bernoulli_log_prob`: same values and gradients, a third of the CPU time."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = broadcast_all(self.logits, value)
+        return bernoulli_log_prob(logits, value)
