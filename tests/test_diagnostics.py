@@ -1,20 +1,31 @@
-"""Latent-space diagnostics on encoders whose answers are known in closed form."""
+"""Diagnostics on cases whose answers are known in closed form: latent codes, rate and
+distortion, ELBO surgery, the IWAE curve and the binary toy."""
 
 import math
 
 import numpy as np
+import pyro
 import pytest
 import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from ppl_vae import elbo_ledger
 from ppl_vae.diagnostics import (
     MIN_RATE,
+    RateDistortion,
     active_units,
     collapse_warning,
+    elbo_surgery,
+    iwae_curve,
     kl_per_dimension,
     posterior_moments,
+    rate_distortion,
+    toy_elbo_curve,
 )
+from ppl_vae.guides import linear_gaussian as lg_guide
+from ppl_vae.models import linear_gaussian as lg_model
+from ppl_vae.train import History
 
 N, D, Z = 200, 6, 3
 
@@ -115,3 +126,180 @@ def test_diagnostics_refuse_shapes_they_cannot_use():
     with pytest.raises(ValueError, match="mu and log_var"):
         kl_per_dimension(torch.zeros(4, Z), torch.zeros(4, Z + 1))
     assert math.isfinite(float(kl_per_dimension(torch.zeros(4, Z), torch.zeros(4, Z)).sum()))
+
+
+# --------------------------------------------------------------------------------------------
+# Rate and distortion
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_gaussian_problem(n: int = 40):
+    """PPCA with orthogonal loadings, data and an imperfect linear guide q(z | x)."""
+    generator = torch.Generator().manual_seed(11)
+    W = torch.linalg.qr(torch.randn(5, 2, generator=generator))[0] * torch.tensor([2.0, 0.7])
+    b = torch.randn(5, generator=generator)
+    sigma = 0.5
+    data = torch.randn(n, 5, generator=generator) * 1.5 + b
+    A, c, scale = lg_guide.optimal_params(W, b, sigma)
+    return W, b, sigma, data, 0.8 * A, c + 0.1, 1.3 * scale
+
+
+def test_linear_gaussian_rate_and_distortion_are_closed_form():
+    W, b, sigma, data, A, c, scale = _linear_gaussian_problem()
+    lg_guide.set_params(A, c, scale)
+    ledger = elbo_ledger(
+        lg_model.model, lg_guide.guide, data, W, b, sigma, exact=False, num_particles=4000
+    )
+    point = rate_distortion(ledger, n_items=data.shape[0])
+    # R = E_x KL(N(A x + c, diag(s^2)) || N(0, I)), closed form.
+    mean = data @ A.T + c
+    expected_rate = float(kl_divergence(Normal(mean, scale), Normal(0.0, 1.0)).sum(-1).mean())
+    assert point.rate == pytest.approx(expected_rate, rel=1e-5)
+    mu, log_var = posterior_moments(
+        lambda x: (x @ A.T + c, (2 * scale.log()).expand(len(x), 2)), data
+    )
+    assert float(kl_per_dimension(mu, log_var).sum()) == pytest.approx(expected_rate, rel=1e-5)
+    # D = E_x E_q[-log N(x; W z + b, sigma^2 I)] = D/2 log(2 pi sigma^2)
+    #     + (|x - W m - b|^2 + sum_u s_u^2 |W_u|^2) / (2 sigma^2).
+    residual = (data - mean @ W.T - b).square().sum(-1)
+    trace = float((scale.square() * W.square().sum(0)).sum())
+    expected_distortion = float(
+        5 / 2 * math.log(2 * math.pi * sigma**2) + ((residual + trace) / (2 * sigma**2)).mean()
+    )
+    se = ledger.term("x").stderr / data.shape[0]
+    assert point.distortion == pytest.approx(expected_distortion, abs=4 * se + 1e-4)
+    assert point.elbo == pytest.approx(ledger.elbo / data.shape[0], abs=1e-4)
+    assert point.objective(2.0) == pytest.approx(-(point.distortion + 2 * point.rate))
+
+
+def test_rate_distortion_reads_histories_evaluations_and_json():
+    rows = [
+        {"epoch": 1, "step": 10, "beta": 0.5, "val_kl": 2.0, "val_reconstruction": -30.0},
+        {"epoch": 2, "step": 20, "beta": 1.0, "val_kl": 3.0, "val_reconstruction": -25.0},
+    ]
+    points = rate_distortion(History(rows=rows))
+    assert [(p.rate, p.distortion, p.epoch, p.step, p.beta) for p in points] == [
+        (2.0, 30.0, 1, 10, 0.5),
+        (3.0, 25.0, 2, 20, 1.0),
+    ]
+    assert points[1].elbo == -28.0
+    assert rate_distortion(rows) == points
+    assert rate_distortion({"rate": 1.5, "distortion": 20.0}) == RateDistortion(1.5, 20.0)
+    assert rate_distortion({"kl": 1.5, "reconstruction": -20.0}) == RateDistortion(1.5, 20.0)
+
+    class Result:  # an Evaluation's per-image terms
+        kl, reconstruction = 4.0, -50.0
+
+    assert rate_distortion(Result()).elbo == -54.0
+    with pytest.raises(ValueError, match="no validation"):
+        rate_distortion([{"epoch": 1, "val_kl": None, "val_reconstruction": None}])
+    with pytest.raises(ValueError, match="rate"):
+        rate_distortion({"elbo": -3.0})
+
+
+# --------------------------------------------------------------------------------------------
+# ELBO surgery
+# --------------------------------------------------------------------------------------------
+
+
+def test_surgery_of_a_collapsed_encoder_has_zero_mutual_information(x):
+    c = torch.tensor([0.0, 0.5, -1.0])
+    log_var = torch.tensor([0.0, -1.0, 0.7])
+    mu, lv = posterior_moments(ConstantEncoder(c, log_var), x)
+    surgery = elbo_surgery(mu, lv, num_samples=3)
+    # q(z | x_n) = q(z) for every n: each term log q(z|x_n) - log q(z) is exactly 0.
+    assert surgery.mutual_info == pytest.approx(0.0, abs=1e-9)
+    assert surgery.marginal_kl == pytest.approx(surgery.avg_kl)
+    assert surgery.avg_kl == pytest.approx(float(kl_per_dimension(mu, lv).sum()))
+    assert "I_q(x; z)" in str(surgery)
+
+
+def test_surgery_of_a_linear_gaussian_encoder_matches_the_closed_form():
+    # x ~ N(0, 1), q(z | x) = N(a x, s^2): q(z) ~ N(0, a^2 v + s^2) (v the sample variance),
+    # I = 0.5 log((a^2 v + s^2) / s^2) and KL(q(z) || p(z)) is a Gaussian's KL.
+    data = torch.randn(2000, 1, generator=torch.Generator().manual_seed(21))
+    a, s = 1.5, 0.5
+    surgery = elbo_surgery(a * data, torch.full_like(data, 2 * math.log(s)), num_samples=2)
+    var_q = a**2 * float(data.var()) + s**2
+    assert surgery.mutual_info == pytest.approx(
+        0.5 * math.log(var_q / s**2), abs=4 * surgery.mutual_info_se + 0.02
+    )
+    assert surgery.marginal_kl == pytest.approx(
+        0.5 * (var_q - math.log(var_q) - 1.0), abs=4 * surgery.mutual_info_se + 0.02
+    )
+    assert surgery.mutual_info + surgery.marginal_kl == pytest.approx(surgery.avg_kl)
+
+
+def test_surgery_of_a_perfect_code_reaches_log_n():
+    # Far-apart, narrow codes: z identifies its image, so I_q(x; z) = log N (its maximum).
+    n = 50
+    mu = torch.arange(n, dtype=torch.float64)[:, None] * 10.0
+    surgery = elbo_surgery(mu, torch.full_like(mu, -4.0))
+    assert surgery.mutual_info == pytest.approx(math.log(n), abs=1e-6)
+    assert surgery.mutual_info <= surgery.log_n + 1e-12
+    with pytest.raises(ValueError, match="num_samples"):
+        elbo_surgery(mu, mu, num_samples=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The IWAE curve and the binary toy
+# --------------------------------------------------------------------------------------------
+
+
+class _Affine(nn.Module):
+    def __init__(self, weight, bias, log_var=None):
+        super().__init__()
+        self.weight, self.bias, self.log_var = weight, bias, log_var
+
+    def forward(self, x):
+        out = x @ self.weight.T + self.bias
+        if self.log_var is None:
+            return out
+        return out, self.log_var.expand(out.shape)
+
+
+def test_iwae_curve_is_log_evidence_at_every_k_with_the_exact_posterior():
+    # PPCA with orthogonal loadings has a diagonal posterior: with the exact guide every
+    # importance weight equals p(x), so IWAE_K = ELBO = log p(x) for every K.
+    W, b, sigma, data, *_ = _linear_gaussian_problem(n=8)
+    A, c, scale = lg_guide.optimal_params(W, b, sigma)
+    encoder = _Affine(A, c, 2 * scale.log())
+    decoder = _Affine(W, b)
+    curve = iwae_curve(
+        encoder, decoder, data, (1, 3, 10), likelihood="gaussian", sigma=sigma, batch_size=3
+    )
+    log_px = float(lg_model.log_evidence(data, W, b, sigma).mean())
+    assert curve.ks == (1, 3, 10) and curve.n_images == 8 and curve.num_samples == 10
+    assert curve.elbo == pytest.approx(log_px, abs=1e-4)
+    assert curve.iwae == pytest.approx([log_px] * 3, abs=1e-4)
+    assert max(curve.gap_se) < 1e-4
+
+
+def test_iwae_curve_starts_at_the_elbo_and_rises():
+    W, b, sigma, data, A, c, scale = _linear_gaussian_problem(n=20)
+    encoder = _Affine(A, c, 2 * scale.log())  # an imperfect guide: a gap to close
+    decoder = _Affine(W, b)
+    curve = iwae_curve(encoder, decoder, data, (1, 10, 100), likelihood="gaussian", sigma=sigma)
+    assert curve.iwae[0] == pytest.approx(curve.elbo, abs=1e-9)  # IWAE_1 is the ELBO
+    assert curve.iwae[0] < curve.iwae[1] < curve.iwae[2]
+    log_px = float(lg_model.log_evidence(data, W, b, sigma).mean())
+    assert curve.iwae[2] < log_px + 0.05
+    # The same seed, the same curve.
+    again = iwae_curve(encoder, decoder, data, (1, 10, 100), likelihood="gaussian", sigma=sigma)
+    assert again.iwae == curve.iwae
+
+
+def test_toy_elbo_curve_touches_log_evidence_at_the_posterior():
+    pyro.param("untouched", torch.tensor(3.0))
+    qs = [0.1, 0.5, 0.8, 0.95]
+    elbos, log_px = toy_elbo_curve(qs)
+    assert log_px == pytest.approx(math.log(0.5), abs=1e-6)
+    for q, elbo in zip(qs, elbos, strict=True):
+        # ELBO = E_q[log p(x=1|z)] - KL(q || p(z)), p(z=1) = 0.5, p(x=1|z) = (0.2, 0.8).
+        kl = q * math.log(q / 0.5) + (1 - q) * math.log((1 - q) / 0.5)
+        assert elbo == pytest.approx(q * math.log(0.8) + (1 - q) * math.log(0.2) - kl, abs=1e-5)
+    assert elbos[2] == pytest.approx(log_px, abs=1e-6)  # q = 0.8 is the posterior: gap 0
+    assert all(e <= log_px + 1e-6 for e in elbos)
+    assert list(pyro.get_param_store().keys()) == ["untouched"]
+    with pytest.raises(ValueError, match="open interval"):
+        toy_elbo_curve([0.0, 0.5])

@@ -28,6 +28,26 @@ EXAMPLES = {
         "50",
         "--no-progress",
     ],
+    "03_beta_sweep.py": [
+        "--dataset",
+        "digits",
+        "--beta",
+        "0.5,2",
+        "--z-dim",
+        "2",
+        "--hidden",
+        "16",
+        "--epochs",
+        "1",
+        "--train-subset",
+        "200",
+        "--iwae-k",
+        "5",
+        "--test-images",
+        "30",
+        "--no-report",
+        "--no-progress",
+    ],
 }
 
 
