@@ -8,6 +8,8 @@ A checkpoint holds what is needed to carry on training exactly where it stopped:
   already hold (buffers, frozen weights), so a network's weights are stored once;
 - the optimizer's and the learning-rate scheduler's state dicts;
 - counters (step, epoch, ...) and the run's configuration, as plain JSON;
+- a trainer's own state (``state``: plain JSON and tensors, e.g. a data-order generator's
+  state and the running sums of an epoch in progress);
 - the random states of torch (CPU and CUDA), numpy and Python's ``random``.
 
 Tensors go into the safetensors payload; everything else into one JSON string in its
@@ -47,7 +49,7 @@ from pyro.distributions import constraints
 from pyro.params import param_with_module_name
 from torch import Tensor, nn
 
-from ppl_vae.errors import CheckpointError
+from ppl_vae.errors import CheckpointError, CheckpointWriteError
 
 __all__ = [
     "FORMAT",
@@ -56,8 +58,10 @@ __all__ = [
     "constraint_from_name",
     "constraint_name",
     "load_checkpoint",
+    "remove_stale_temporaries",
     "restore",
     "restore_optimizer",
+    "restore_rng",
     "save_checkpoint",
 ]
 
@@ -234,7 +238,8 @@ class Checkpoint:
     full state dict. ``optimizer`` and ``scheduler`` are state dicts as torch returns them.
     ``rng`` has ``"torch"`` (uint8 tensor), ``"cuda"`` (list of uint8 tensors), ``"numpy"``
     (a tuple for ``np.random.set_state``) and ``"python"`` (a tuple for
-    ``random.setstate``), or is ``None`` when not saved.
+    ``random.setstate``), or is ``None`` when not saved. ``state`` is the trainer's own
+    state as saved (plain JSON values and tensors).
     """
 
     path: Path
@@ -250,6 +255,7 @@ class Checkpoint:
     rng: dict[str, Any] | None = None
     version: int = FORMAT_VERSION
     has_param_store: bool = True
+    state: dict[str, Any] = field(default_factory=dict)
 
     def constrained(self, name: str) -> Tensor:
         """The constrained value of a stored parameter (as ``pyro.param(name)`` returns it)."""
@@ -382,6 +388,7 @@ def save_checkpoint(
     counters: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     rng: bool = True,
+    state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint to ``path`` atomically and return the path.
 
@@ -394,7 +401,11 @@ def save_checkpoint(
     :param counters: plain JSON (step, epoch, position in the data order, ...).
     :param config: plain JSON, the run's configuration.
     :param rng: store the torch (CPU, and CUDA when in use), numpy and ``random`` states.
-    :raises CheckpointError: when a value cannot be stored, or the file cannot be written
+    :param state: a trainer's own state: string keys, values tensors (e.g. a
+        ``torch.Generator``'s ``get_state()``), numbers, strings, lists, tuples and dicts of
+        them; read back as :attr:`Checkpoint.state`.
+    :raises CheckpointError: when a value cannot be stored.
+    :raises CheckpointWriteError: (a :class:`CheckpointError`) when the file cannot be written
         (missing or read-only folder, full disk); the previous file under ``path``, if any,
         is then left as it was, and no temporary file remains.
     """
@@ -446,6 +457,8 @@ def save_checkpoint(
     body["config"] = _plain_json(dict(config or {}), "config")
     if rng:
         body["rng"] = _rng_state(tensors)
+    if state is not None:
+        body["state"] = _encode(dict(state), "state", tensors)
 
     try:
         text = json.dumps(body)
@@ -486,15 +499,34 @@ def _write_atomically(path: Path, payload: bytes) -> None:
         os.replace(tmp_name, path)
         tmp_name = None
     except OSError as exc:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-        raise CheckpointError(
+        raise CheckpointWriteError(
             f"cannot write checkpoint {path}: {exc.strerror or exc} "
             f"({type(exc).__name__}); check that {folder} exists, is a writable folder and "
             "has free space. Any previous checkpoint under that name is unchanged."
         ) from exc
+    finally:  # also on KeyboardInterrupt: no temporary file stays behind
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
     _fsync_folder(folder)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that :func:`save_checkpoint` leaves when its process is
+    killed mid-write (``.NAME.*.tmp`` in ``folder``), and return their paths. Call it only
+    when no other process is writing checkpoints to ``folder``. Files under final names are
+    never touched: they are complete by construction."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for candidate in folder.iterdir():
+        name = candidate.name
+        if name.startswith(".") and name.endswith(".tmp") and ".ckpt." in name:
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    return sorted(removed)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -525,12 +557,16 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
 
     if not data:
         raise fail("is empty")
-    if data[0] == _PICKLE_PROTO:
+    # A safetensors file starts with its header's length (8 bytes, little-endian) and the
+    # header's "{"; the length's first byte may be anything, 0x80 included, so a pickle or a
+    # zip archive is named only when the file does not look like safetensors.
+    safetensors_like = len(data) > 8 and data[8:9] == b"{"
+    if not safetensors_like and data[0] == _PICKLE_PROTO:
         raise fail(
             "is a Python pickle, not a safetensors checkpoint; pickles can run code "
             "when loaded, so it was not opened. Re-create the checkpoint with ppl-vae."
         )
-    if data.startswith(_ZIP_MAGIC):
+    if not safetensors_like and data.startswith(_ZIP_MAGIC):
         raise fail(
             "is a zip archive (torch.save format, which holds pickles), not a "
             "safetensors checkpoint; it was not opened. Re-create it with ppl-vae."
@@ -596,9 +632,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {exc}") from None
     try:
         return _checkpoint(path, body, tensors)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
+    except CheckpointError:
+        raise
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupt: malformed metadata ({type(exc).__name__}: {exc})"
         ) from None
@@ -657,6 +701,9 @@ def _checkpoint(path: Path, body: dict[str, Any], tensors: dict[str, Tensor]) ->
             ),
             "python": (int(py["version"]), tuple(int(v) for v in py["internal"]), py["gauss_next"]),
         }
+    state = _decode(body["state"], tensors, where) if "state" in body else {}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its trainer state is not a dict")
     return Checkpoint(
         path=path,
         params=params,
@@ -671,6 +718,7 @@ def _checkpoint(path: Path, body: dict[str, Any], tensors: dict[str, Tensor]) ->
         rng=rng,
         version=version,
         has_param_store=bool(body.get("param_store", True)),
+        state=state,
     )
 
 
@@ -840,17 +888,33 @@ def _load_optimizer(
         ) from None
 
 
+def restore_rng(checkpoint: Checkpoint) -> None:
+    """Put back the random states saved in ``checkpoint`` (torch CPU, CUDA where present,
+    numpy, Python), the last thing before training continues.
+
+    :raises CheckpointError: when it holds none, or they are damaged.
+    """
+    _restore_rng(checkpoint)
+
+
 def _restore_rng(checkpoint: Checkpoint) -> None:
     if checkpoint.rng is None:
         raise CheckpointError(
             f"checkpoint {checkpoint.path} holds no random states; pass "
             "rng=False to restore without them"
         )
-    torch.set_rng_state(checkpoint.rng["torch"])
-    cuda = checkpoint.rng["cuda"]
-    # A run saved on GPUs may be resumed on a CPU-only machine: its CUDA states are then unused.
-    if cuda and torch.cuda.is_available():
-        for i, state in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, i)
-    np.random.set_state(checkpoint.rng["numpy"])  # noqa: NPY002
-    random.setstate(checkpoint.rng["python"])
+    try:
+        torch.set_rng_state(checkpoint.rng["torch"])
+        cuda = checkpoint.rng["cuda"]
+        # A run saved on GPUs may be resumed on a CPU-only machine: its CUDA states are then
+        # unused.
+        if cuda and torch.cuda.is_available():
+            for i, state in enumerate(cuda[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, i)
+        np.random.set_state(checkpoint.rng["numpy"])  # noqa: NPY002
+        random.setstate(checkpoint.rng["python"])
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} holds random states that cannot be restored "
+            f"({type(exc).__name__}: {exc}); it is damaged"
+        ) from None

@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pyro
 import torch
 
-from ppl_vae.errors import PplVaeError
+from ppl_vae.errors import EXIT_INPUT, PplVaeError, TrainingInterrupted
 
 __all__ = ["load_callable", "load_data", "main"]
 
@@ -108,7 +109,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
+    from ppl_vae.report import write_report
+
+    page = write_report(run_dir)
     print(f"{result}\nrun folder: {run_dir} (samples.png, reconstructions.png, history.csv)")
+    print(f"report: {page} (open it in a browser; it works offline)")
     return 0
 
 
@@ -124,44 +129,149 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+# The train command's settings that define a run: argparse destination -> (place in the run's
+# config.json, default). Their parser defaults are None, so that with --resume the ones given
+# on the command line are known and compared with the run's own.
+_TRAIN_SETTINGS: dict[str, tuple[tuple[str, ...], object]] = {
+    "dataset": (("vae", "dataset"), "fashion-mnist"),
+    "likelihood": (("vae", "likelihood"), "bernoulli"),
+    "binarize": (("vae", "binarize"), None),
+    "sigma": (("vae", "sigma"), None),
+    "z_dim": (("vae", "z_dim"), 20),
+    "hidden": (("vae", "hidden"), (400,)),
+    "arch": (("vae", "arch"), "mlp"),
+    "batch_size": (("train", "batch_size"), 128),
+    "lr": (("train", "lr"), 1e-3),
+    "lr_schedule": (("train", "lr_schedule"), None),
+    "epochs": (("train", "epochs"), 10),
+    "elbo": (("train", "elbo"), "meanfield"),
+    "particles": (("train", "num_particles"), 1),
+    "seed": (("train", "seed"), 0),
+    "beta": (("beta",), "1"),
+    "train_subset": (("data", "train_subset"), None),
+}
+
+TRAIN_EXIT_CODES = """\
+exit codes:
+  0    done
+  2    bad input: data, arguments, a checkpoint that cannot be read
+  3    training diverged: the loss or a gradient became NaN or inf; the message names the
+       step and the site or parameter, and the last good checkpoint stays
+  4    a checkpoint or another run file could not be written (read-only folder, full disk)
+  5    --resume with settings that differ from the run's own (the message lists them)
+  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, after writing a checkpoint:
+       continue with 'ppl-vae train --resume FOLDER'"""
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The run-defining settings given on the command line, nested as in config.json."""
+    given: dict[str, object] = {}
+    for dest, (place, _) in _TRAIN_SETTINGS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        node = given
+        for key in place[:-1]:
+            node = node.setdefault(key, {})  # type: ignore[assignment]
+        node[place[-1]] = value  # type: ignore[index]
+    return given
+
+
+def _same_beta(saved: object, asked: object) -> bool:
+    try:
+        return float(str(saved)) == float(str(asked))
+    except ValueError:
+        return str(saved) == str(asked)
+
+
+def _resume(args: argparse.Namespace):
+    from ppl_vae.run import resume_run, run_config
+
+    if args.out is not None and Path(args.out) != Path(args.resume):
+        raise ValueError(
+            f"--out {args.out} and --resume {args.resume} name different folders: a resumed "
+            "run continues in its own folder (drop --out)"
+        )
+    if args.overwrite:
+        raise ValueError("--overwrite starts a new run: use it with --out, not --resume")
+    expect = _given_settings(args)
+    if "beta" in expect:
+        saved = run_config(args.resume).get("beta")
+        if saved is not None and _same_beta(saved, expect["beta"]):
+            expect["beta"] = saved
+    return resume_run(
+        args.resume,
+        expect=expect,
+        device=args.device,
+        progress=False if args.no_progress else None,
+        threads=args.threads,
+        checkpoint_every=args.checkpoint_every,
+        data_dir=args.data_dir,
+    )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from ppl_vae.beta import parse_schedule
     from ppl_vae.experiment import VAEConfig
     from ppl_vae.run import train_run
     from ppl_vae.train import TrainConfig
 
-    schedule = parse_schedule(args.beta)
-    constant = getattr(schedule, "beta", None)
-    vae_config = VAEConfig(
-        dataset=args.dataset,
-        likelihood=args.likelihood,
-        binarize=args.binarize,
-        z_dim=args.z_dim,
-        hidden=args.hidden,
-        arch=args.arch,
-        sigma=args.sigma,
-    )
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        elbo=args.elbo,
-        num_particles=args.particles,
-        beta=1.0 if constant is None else constant,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    run = train_run(
-        args.out,
-        vae_config,
-        train_config,
-        data_dir=args.data_dir,
-        beta_schedule=None if constant is not None else schedule,
-        beta_spec=args.beta,
-        train_subset=args.train_subset,
-    )
+    if args.resume is not None:
+        run = _resume(args)
+    else:
+        if args.out is None:
+            raise ValueError(
+                "say where the run goes: --out FOLDER for a new run, or --resume FOLDER to "
+                "continue a stopped one"
+            )
+        last = Path(args.out) / "checkpoints" / "last.ckpt"
+        if last.exists() and not args.overwrite:
+            raise ValueError(
+                f"{args.out} already holds a run ({last}): continue it with --resume "
+                f"{args.out}, choose another --out, or pass --overwrite to start it again"
+            )
+        if args.overwrite:  # the old run's checkpoints must not be resumed by mistake
+            for old in ("last.ckpt", "best.ckpt"):
+                (last.parent / old).unlink(missing_ok=True)
+        for dest, (_, default) in _TRAIN_SETTINGS.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, default)
+        schedule = parse_schedule(args.beta)
+        constant = getattr(schedule, "beta", None)
+        vae_config = VAEConfig(
+            dataset=args.dataset,
+            likelihood=args.likelihood,
+            binarize=args.binarize,
+            z_dim=args.z_dim,
+            hidden=args.hidden,
+            arch=args.arch,
+            sigma=args.sigma,
+        )
+        train_config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            lr_schedule=args.lr_schedule,
+            elbo=args.elbo,
+            num_particles=args.particles,
+            beta=1.0 if constant is None else constant,
+            seed=args.seed,
+            device=args.device or "auto",
+            progress=not args.no_progress,
+            threads=args.threads,
+            checkpoint_every=args.checkpoint_every,
+        )
+        run = train_run(
+            args.out,
+            vae_config,
+            train_config,
+            data_dir=args.data_dir,
+            beta_schedule=None if constant is not None else schedule,
+            beta_spec=args.beta,
+            train_subset=args.train_subset,
+        )
     last = run.history[-1]
     best = max(run.history, key=lambda row: row["val_elbo"])
     dim = run.dataset.data_dim
@@ -283,19 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
-        help="train a VAE on real images with Pyro's SVI",
-        description="Train a Gaussian VAE (encoder outputs mu and log sigma^2; p(z) = N(0, I)) "
-        "by SVI, validating the ELBO (beta = 1) every epoch. Writes a run folder: config.json, "
-        "history.csv/json, checkpoints/best.ckpt and last.ckpt, samples.png, "
-        "reconstructions.png.",
-        epilog="example: ppl-vae train --dataset fashion-mnist --z-dim 20 --beta 1 "
-        "--epochs 10 --out runs/fmnist",
+        help="train a VAE on real images with Pyro's SVI, or resume a stopped run",
+        description="Train a Gaussian VAE (encoder outputs mu and log sigma^2; p(z) = N(0, I))\n"
+        "by SVI, validating the ELBO (beta = 1) every epoch. Writes a run folder: config.json,\n"
+        "history.csv/json, checkpoints/best.ckpt and last.ckpt, samples.png,\n"
+        "reconstructions.png. A stopped run (killed, Ctrl-C, SIGTERM) continues with\n"
+        "--resume FOLDER, to the same final weights as a run never stopped.",
+        epilog="example:\n  ppl-vae train --dataset fashion-mnist --z-dim 20 --beta 1 --epochs 10 "
+        "--out runs/fmnist\n  ppl-vae train --resume runs/fmnist    # after a stop\n\n"
+        f"{TRAIN_EXIT_CODES}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument(
         "--dataset",
         choices=("digits", "fashion-mnist", "mnist"),
-        default="fashion-mnist",
-        help="data set (default: %(default)s); digits "
+        default=None,
+        help="data set (default: fashion-mnist); digits "
         "ships with scikit-learn, the others are read from --data-dir, "
         "$PPL_VAE_DATA, the Debian package or the download cache",
     )
@@ -303,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--likelihood",
         choices=("bernoulli", "gaussian", "continuous-bernoulli"),
-        default="bernoulli",
-        help="p(x | z) (default: %(default)s)",
+        default=None,
+        help="p(x | z) (default: bernoulli)",
     )
     train.add_argument(
         "--binarize",
@@ -320,23 +433,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fixed s.d. of the gaussian likelihood (default: learned)",
     )
-    train.add_argument("--z-dim", type=int, default=20, help="latent size (default: %(default)s)")
+    train.add_argument("--z-dim", type=int, default=None, help="latent size (default: 20)")
     train.add_argument(
         "--hidden",
         type=_int_list,
-        default=(400,),
+        default=None,
         help="hidden layer sizes, e.g. 400 or 300,300 (default: 400)",
     )
     train.add_argument(
         "--arch",
         choices=("mlp", "conv"),
-        default="mlp",
-        help="network architecture (default: %(default)s)",
+        default=None,
+        help="network architecture (default: mlp)",
     )
     train.add_argument(
-        "--batch-size", type=int, default=128, help="images per step (default: %(default)s)"
+        "--batch-size", type=int, default=None, help="images per step (default: 128)"
     )
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=None, help="Adam's rate (default: 0.001)")
     train.add_argument(
         "--lr-schedule",
         choices=("cosine", "exponential"),
@@ -344,27 +457,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning-rate schedule, stepped per epoch (default: none)",
     )
     train.add_argument(
-        "--epochs", type=int, default=10, help="passes over the data (default: %(default)s)"
+        "--epochs", type=int, default=None, help="passes over the data (default: 10)"
     )
     train.add_argument(
         "--beta",
-        default="1",
+        default=None,
         help="KL weight: a number, warmup:STEPS[:END] (linear KL warm-up) or "
-        "cyclical:PERIOD[:RATIO[:END]] (default: %(default)s); evaluation always "
-        "reports beta = 1",
+        "cyclical:PERIOD[:RATIO[:END]] (default: 1); evaluation always reports beta = 1",
     )
     train.add_argument(
         "--elbo",
         choices=("meanfield", "trace", "jit-meanfield", "jit-trace"),
-        default="meanfield",
+        default=None,
         help="Pyro ELBO: meanfield = TraceMeanField_ELBO "
-        "(closed-form KL), trace = Trace_ELBO (default: %(default)s)",
+        "(closed-form KL), trace = Trace_ELBO (default: meanfield)",
     )
     train.add_argument(
         "--particles",
         type=int,
-        default=1,
-        help="samples of z per image and step, vectorised (default: %(default)s)",
+        default=None,
+        help="samples of z per image and step, vectorised (default: 1)",
     )
     train.add_argument(
         "--train-subset",
@@ -372,13 +484,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train on the first N training images only (quick runs)",
     )
-    train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     train.add_argument(
         "--device",
-        default="auto",
-        help="cpu, cuda or auto (CUDA when present; default: %(default)s)",
+        default=None,
+        help="cpu, cuda or auto (CUDA when present; default: auto, or the run's own with --resume)",
     )
-    train.add_argument("--out", required=True, help="run folder to write, e.g. runs/NAME")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's); resume with the same number for "
+        "bitwise-equal results",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="also write checkpoints/last.ckpt every STEPS steps, so a killed run loses at "
+        "most that many (default: at the end of each epoch)",
+    )
+    train.add_argument("--out", default=None, help="run folder to write, e.g. runs/NAME")
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="FOLDER",
+        help="continue the stopped run in FOLDER from checkpoints/last.ckpt with its own "
+        "settings (config.json); settings given as well must match them",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out folder that already holds one (its checkpoints "
+        "are replaced)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(handler=_cmd_train)
 
@@ -430,18 +570,34 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("name", choices=("fashion-mnist", "mnist"))
     download.add_argument("--root", default=None, help="target folder")
     download.set_defaults(handler=_cmd_download)
+
+    from ppl_vae import report, sweep  # their subcommands: ppl-vae sweep, ppl-vae report
+
+    sweep.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``ppl-vae``; returns the exit code (2 for bad input, with a message)."""
+    """Entry point of ``ppl-vae``; returns the exit code, with a one-line message for every
+    failure: 2 bad input, 3 training diverged, 4 a file could not be written, 5 a resumed
+    run's settings differ, 130/143 interrupted by SIGINT/SIGTERM (see ``ppl_vae.errors``)."""
     args = build_parser().parse_args(argv)
     pyro.enable_validation(True)
     try:
         return args.handler(args)
-    except (PplVaeError, ValueError, FileNotFoundError) as error:
+    except TrainingInterrupted as stop:
+        print(f"ppl-vae {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(f"ppl-vae {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except PplVaeError as error:
         print(f"ppl-vae {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ppl-vae {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_INPUT
 
 
 if __name__ == "__main__":

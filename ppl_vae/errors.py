@@ -1,23 +1,54 @@
 """Typed errors: each names what went wrong and how to fix it.
 
 Every error the library raises on bad input derives from :class:`PplVaeError` and from the
-matching builtin (``ValueError``, ``FileNotFoundError``), so callers can catch either.
+matching builtin (``ValueError``, ``FileNotFoundError``, ``OSError``, ``FloatingPointError``),
+so callers can catch either. Each class carries the exit code ``ppl-vae`` returns for it
+(``exit_code``):
+
+====  ===========================================================================
+0     success
+2     bad input: data, arguments, a checkpoint that cannot be read (and usage errors)
+3     training diverged: the loss or a gradient became NaN or infinite
+4     a checkpoint or another file of a run could not be written (read-only, disk full)
+5     ``--resume`` asked for a configuration other than the run's own
+130   interrupted by SIGINT (Ctrl-C) after writing a checkpoint; resume it
+143   interrupted by SIGTERM after writing a checkpoint; resume it
+====  ===========================================================================
 """
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 __all__ = [
+    "EXIT_CONFIG_MISMATCH",
+    "EXIT_DIVERGED",
+    "EXIT_INPUT",
+    "EXIT_WRITE",
     "CheckpointError",
+    "CheckpointWriteError",
+    "ConfigMismatchError",
     "DataError",
     "DatasetNotFoundError",
     "ModelGuideMismatchError",
     "NotEnumerableError",
     "PplVaeError",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
+    "WriteError",
 ]
+
+EXIT_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_WRITE = 4
+EXIT_CONFIG_MISMATCH = 5
 
 
 class PplVaeError(Exception):
     """Base class of every error raised by ppl-vae on bad input."""
+
+    exit_code = EXIT_INPUT
 
 
 class DataError(PplVaeError, ValueError):
@@ -40,3 +71,71 @@ class NotEnumerableError(PplVaeError, ValueError):
 
 class CheckpointError(PplVaeError, ValueError):
     """A checkpoint that cannot be written or safely read."""
+
+
+class WriteError(PplVaeError, OSError):
+    """A file of a run (checkpoint, history, configuration) could not be written: a missing
+    or read-only folder, a full disk. The previous file under that name is unchanged."""
+
+    exit_code = EXIT_WRITE
+
+
+class CheckpointWriteError(CheckpointError, WriteError):
+    """A checkpoint could not be written; the previous one under that name is unchanged."""
+
+    exit_code = EXIT_WRITE
+
+
+class ConfigMismatchError(PplVaeError, ValueError):
+    """A run was asked to resume with a configuration other than the one it was started
+    with; ``differences`` lists each one as ``"key: saved X, asked Y"``."""
+
+    exit_code = EXIT_CONFIG_MISMATCH
+
+    def __init__(self, message: str, *, differences: list[str]):
+        super().__init__(message)
+        self.differences = list(differences)
+
+
+class TrainingDivergedError(PplVaeError, FloatingPointError):
+    """The loss (or a gradient, hence the parameters) became NaN or infinite; ``step`` is the
+    first bad step (1-based, counted over the run), ``site`` the sample site whose ELBO term
+    is non-finite or the parameter whose gradient was (``None`` when neither could be
+    named), and ``checkpoint`` the last good checkpoint or ``None``."""
+
+    exit_code = EXIT_DIVERGED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        epoch: int,
+        checkpoint: Path | None,
+        site: str | None = None,
+    ):
+        super().__init__(message)
+        self.step = step
+        self.epoch = epoch
+        self.checkpoint = checkpoint
+        self.site = site
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM at a step boundary, after writing a
+    checkpoint it can be resumed from. A ``KeyboardInterrupt``, so code that handles Ctrl-C
+    keeps working; ``exit_code`` is 128 + the signal's number (130 or 143)."""
+
+    def __init__(
+        self, message: str, *, signum: int, step: int, epoch: int, checkpoint: Path | None
+    ):
+        super().__init__(message)
+        self.signum = signum
+        self.step = step
+        self.epoch = epoch
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + int(signum)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name

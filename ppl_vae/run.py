@@ -7,11 +7,14 @@
     runs/NAME/reconstructions.png   test images and their reconstructions
     runs/NAME/evaluation.json       written by ``evaluate_run``
 
-A run is rebuilt from ``config.json`` and a checkpoint alone: nothing is unpickled.
+A run is rebuilt from ``config.json`` and a checkpoint alone: nothing is unpickled. A run
+that was stopped (killed, interrupted, or out of time) continues with :func:`resume_run`
+from ``checkpoints/last.ckpt``, to the same final parameters as a run never stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,16 +26,25 @@ from typing import Any
 import pyro
 import torch
 
+from ppl_vae.beta import parse_schedule
 from ppl_vae.checkpoint import load_checkpoint, restore
 from ppl_vae.data import Dataset, load
-from ppl_vae.errors import CheckpointError
+from ppl_vae.errors import CheckpointError, ConfigMismatchError, WriteError
 from ppl_vae.evaluate import Evaluation, evaluate
 from ppl_vae.experiment import VAE, VAEConfig, build_vae, resolve_binarize
 from ppl_vae.models import vae as vae_model
 from ppl_vae.plots import image_grid, reconstructions_figure, save
-from ppl_vae.train import History, TrainConfig, fit, resolve_device
+from ppl_vae.train import History, TrainConfig, config_differences, fit, resolve_device
 
-__all__ = ["TrainedRun", "evaluate_run", "load_run", "sample_run", "train_run"]
+__all__ = [
+    "TrainedRun",
+    "evaluate_run",
+    "load_run",
+    "resume_run",
+    "run_config",
+    "sample_run",
+    "train_run",
+]
 
 CONFIG_FILE = "config.json"
 
@@ -49,12 +61,30 @@ class TrainedRun:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then ``os.replace``)."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(value, tmp, indent=2)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    """Write JSON atomically (temporary file in the same folder, then ``os.replace``).
+
+    :raises WriteError: when it cannot be written (the previous file is then unchanged).
+    """
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        ) as handle:
+            tmp = handle.name
+            json.dump(value, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise WriteError(
+            f"cannot write {path}: {exc.strerror or exc} ({type(exc).__name__}); check that "
+            f"{path.parent} is a writable folder with free space"
+        ) from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def train_run(
@@ -69,11 +99,15 @@ def train_run(
 ) -> TrainedRun:
     """Load the data, build fresh networks from the seed, train, and write the run folder.
 
-    :param beta_spec: the schedule's text form, recorded in ``config.json``.
+    :param beta_spec: the schedule's text form, recorded in ``config.json`` (a run whose
+        ``beta_schedule`` has none cannot be resumed by :func:`resume_run`).
     :param train_subset: train on the first N training images only (quick runs).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"cannot create the run folder {out}: {exc.strerror or exc}") from exc
     binarize = resolve_binarize(vae_config.likelihood, vae_config.binarize)
     device = resolve_device(train_config.device)
     data = load(
@@ -86,22 +120,46 @@ def train_run(
     config = VAEConfig.from_dict(
         {**vae_config.to_dict(), "binarize": binarize, "image_shape": data.image_shape}
     )
+    train_images = _training_images(data, config, train_subset)
+    if beta_schedule is None:
+        beta = beta_spec or str(train_config.beta)
+    else:
+        beta = beta_spec  # None: a schedule given as a function, not recorded
+    settings = {
+        "vae": config.to_dict(),
+        "train": train_config.to_dict(),
+        "beta": beta,
+        "data": {"source": data.source, "train_subset": train_subset, "data_dir": data_dir},
+    }
+    _write_json(out / CONFIG_FILE, settings)
+    return _train(out, config, train_config, data, train_images, beta_schedule, resume=False)
+
+
+def _training_images(data: Dataset, config: VAEConfig, train_subset: int | None) -> torch.Tensor:
+    """The training images, after checking every split once, so the per-step checks can be
+    skipped (``check_data=False``)."""
     train_images = data.train.images[:train_subset] if train_subset else data.train.images
-    # Check the data once here, so the per-step checks can be skipped (check_data=False).
     # Dynamically binarised training images are grey until each batch is drawn.
-    likelihood = None if binarize == "dynamic" else config.likelihood
+    likelihood = None if config.binarize == "dynamic" else config.likelihood
     vae_model.check_data(train_images, likelihood=likelihood, name="training images")
     for split in ("validation", "test"):
         vae_model.check_data(
             getattr(data, split).images, likelihood=config.likelihood, name=f"{split} images"
         )
-    run_config = {
-        "vae": config.to_dict(),
-        "train": train_config.to_dict(),
-        "beta": beta_spec or str(train_config.beta),
-        "data": {"source": data.source, "train_subset": train_subset, "data_dir": data_dir},
-    }
-    _write_json(out / CONFIG_FILE, run_config)
+    return train_images
+
+
+def _train(
+    out: Path,
+    config: VAEConfig,
+    train_config: TrainConfig,
+    data: Dataset,
+    train_images: torch.Tensor,
+    beta_schedule: Callable[[int], float] | None,
+    *,
+    resume: bool,
+) -> TrainedRun:
+    last = out / "checkpoints" / "last.ckpt"
     pyro.clear_param_store()
     pyro.set_rng_seed(train_config.seed)
     vae = build_vae(config)
@@ -113,14 +171,111 @@ def train_run(
         validation=data.validation.images,
         modules=vae.modules,
         out_dir=out,
-        dynamic_binarize=binarize == "dynamic",
+        dynamic_binarize=config.binarize == "dynamic",
         step_kwargs={"check_data": False},
         beta_schedule=beta_schedule,
         checkpoint_config={"vae": config.to_dict()},
+        resume=last if resume and last.exists() else None,
     )
     run = TrainedRun(out, vae, train_config, data, history)
     write_figures(run)
     return run
+
+
+def run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The plain-JSON ``config.json`` of a run folder.
+
+    :raises CheckpointError: when the folder is not a run folder or the file is not JSON.
+    """
+    path = Path(path)
+    try:
+        settings = json.loads((path / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} is not a run folder: it has no {CONFIG_FILE} (train one with "
+            "'ppl-vae train --out FOLDER')"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / CONFIG_FILE} cannot be read as JSON: {exc}") from None
+    if not isinstance(settings, dict) or not {"vae", "train"} <= set(settings):
+        raise CheckpointError(f"{path / CONFIG_FILE} is not the configuration of a run")
+    return settings
+
+
+def resume_run(
+    path: str | os.PathLike[str],
+    *,
+    expect: dict[str, Any] | None = None,
+    device: str | None = None,
+    progress: bool | None = None,
+    threads: int | None = None,
+    checkpoint_every: int | None = None,
+    data_dir: str | None = None,
+) -> TrainedRun:
+    """Continue a stopped run from ``checkpoints/last.ckpt`` with its own configuration
+    (``config.json``) and data, to the same final parameters as a run never stopped (same
+    machine, threads and device), then write its figures. A run stopped before its first
+    checkpoint starts again from the beginning; a finished run is left as it is.
+
+    :param expect: settings the caller asks for, nested as in ``config.json`` (``{"vae":
+        {"z_dim": 8}}``); any that differ from the run's own are refused.
+    :param device: run on another device (``device``, ``progress``, ``threads`` and
+        ``checkpoint_every`` may change; ``None`` keeps the saved value).
+    :param data_dir: where the data set is now, when it moved.
+    :raises ConfigMismatchError: listing every setting in ``expect`` that differs.
+    :raises CheckpointError: for a folder that is not a run, an unreadable checkpoint, or a
+        run that cannot be resumed (``engine="svi"``, a beta schedule with no text form).
+    """
+    path = Path(path)
+    settings = run_config(path)
+    if expect:
+        differences = config_differences(settings, expect, partial=True)
+        if differences:
+            raise ConfigMismatchError(
+                f"cannot resume {path} with another configuration: {'; '.join(differences)}. "
+                "Resume without those settings (the run's own are used), or start a new run "
+                "in another folder.",
+                differences=differences,
+            )
+    config = VAEConfig.from_dict(settings["vae"])
+    runtime = {
+        "device": device,
+        "progress": progress,
+        "threads": threads,
+        "checkpoint_every": checkpoint_every,
+    }
+    train_values = {
+        **settings["train"],
+        **{key: value for key, value in runtime.items() if value is not None},
+    }
+    train_config = TrainConfig.from_dict(train_values)
+    spec = settings.get("beta")
+    if spec is None:
+        raise CheckpointError(
+            f"{path} was trained with a beta schedule given as a Python function, which "
+            f"{CONFIG_FILE} does not record: resume it with fit(..., resume=...) and the "
+            "same schedule"
+        )
+    schedule = parse_schedule(str(spec))
+    constant = getattr(schedule, "beta", None)
+    data_settings = settings.get("data") or {}
+    data = load(
+        config.dataset,
+        data_dir=data_dir or data_settings.get("data_dir"),
+        binarize=config.binarize or "none",
+        seed=train_config.seed,
+        device=resolve_device(train_config.device),
+    )
+    train_images = _training_images(data, config, data_settings.get("train_subset"))
+    return _train(
+        path,
+        config,
+        train_config,
+        data,
+        train_images,
+        None if constant is not None else schedule,
+        resume=True,
+    )
 
 
 def load_run(
@@ -133,24 +288,16 @@ def load_run(
     """Rebuild a run's networks from ``config.json`` and restore ``checkpoints/<name>.ckpt``."""
     path = Path(path)
     device = resolve_device(device)
-    try:
-        run_config = json.loads((path / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path} is not a run folder: it has no {CONFIG_FILE} (train one with "
-            "'ppl-vae train --out FOLDER')"
-        ) from None
-    except ValueError:
-        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON") from None
-    config = VAEConfig.from_dict(run_config["vae"])
-    train_config = TrainConfig.from_dict({**run_config["train"], "device": str(device)})
+    settings = run_config(path)
+    config = VAEConfig.from_dict(settings["vae"])
+    train_config = TrainConfig.from_dict({**settings["train"], "device": str(device)})
     saved = load_checkpoint(path / "checkpoints" / f"{checkpoint}.ckpt")
     pyro.clear_param_store()
     vae = build_vae(config)
     restore(saved, modules=vae.modules, rng=False, device=device)
     data = load(
         config.dataset,
-        data_dir=data_dir or run_config["data"].get("data_dir"),
+        data_dir=data_dir or (settings.get("data") or {}).get("data_dir"),
         binarize=config.binarize,
         seed=train_config.seed,
         device=resolve_device(device),

@@ -13,13 +13,31 @@ epoch it evaluates the true ELBO (beta = 1) on a validation set, image by image,
 as means per image (nats), with the standard error of the ELBO's mean. The history goes to
 ``history.csv`` and ``history.json`` and the weights to ``checkpoints/last.ckpt`` and
 ``checkpoints/best.ckpt`` (best validation ELBO) after every epoch, each file replaced
-atomically.
+atomically; with ``TrainConfig.checkpoint_every`` set, ``last.ckpt`` is also written every
+that many steps.
+
+Reliability:
+
+- Exact resume: a checkpoint holds the parameters, the optimizer's and scheduler's state,
+  the counters, the position in the epoch's data order (which depends on the seed and the
+  epoch only) with the state of the generator that draws it (and the dynamic binarisation),
+  the running sums of the epoch in progress, the history, and every random state.
+  ``fit(..., resume=checkpoint)`` continues from it, bitwise equal to an uninterrupted run
+  on the same machine and settings (the fast engine; the "svi" engine cannot resume).
+- NaN guard: a non-finite loss stops the run at that step (on CPU before its update is
+  applied; on CUDA within a few steps, without a sync per step), naming the sample site
+  whose ELBO term is non-finite, or the parameter whose gradient was; nothing non-finite is
+  ever written to a checkpoint.
+- Signals: with ``out_dir``, SIGINT (Ctrl-C) and SIGTERM write ``last.ckpt`` at the next
+  step boundary and raise :class:`~ppl_vae.errors.TrainingInterrupted`.
+- Resuming with another configuration raises :class:`~ppl_vae.errors.ConfigMismatchError`.
 
 Two engines give the same parameters from the same seed:
 
 - ``"fast"`` (default): ``elbo.differentiable_loss`` and ONE ``torch.optim.Adam`` (foreach)
-  over every parameter of Pyro's param store, the loss summed on the device and read once
-  per epoch (plus, with a progress bar, about twice a second for its running value);
+  over every parameter of Pyro's param store; on CUDA the loss is summed on the device and
+  read once per epoch (plus, with a progress bar, about twice a second for its running
+  value), on CPU each step's loss is read as it comes (a fraction of a microsecond);
 - ``"svi"``: ``pyro.infer.SVI`` with ``pyro.optim.Adam`` (one torch Adam per parameter, the
   same defaults), for reference. It saves no optimizer state in its checkpoints.
 
@@ -35,9 +53,12 @@ import io
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -58,9 +79,24 @@ from pyro.infer import (
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppl_vae.checkpoint import save_checkpoint
+from ppl_vae.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
 from ppl_vae.data import batches, binarize
-from ppl_vae.errors import DataError, PplVaeError
+from ppl_vae.errors import (
+    CheckpointError,
+    ConfigMismatchError,
+    DataError,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    WriteError,
+)
 from ppl_vae.ledger import sampled_site_terms
 from ppl_vae.pair import PairStructure, inspect_pair
 
@@ -69,9 +105,12 @@ __all__ = [
     "ENGINES",
     "HISTORY_COLUMNS",
     "LR_SCHEDULES",
+    "RUNTIME_SETTINGS",
     "History",
     "TrainConfig",
     "TrainingDivergedError",
+    "TrainingInterrupted",
+    "config_differences",
     "fit",
     "make_elbo",
     "resolve_device",
@@ -110,17 +149,12 @@ _STREAM_BATCH_ORDER = 11
 _STREAM_VALIDATION = 12
 _PROGRESS_REFRESH_S = 0.5  # a running value on the bar costs one device read this often
 _NAN_WARNING = r"Encountered (NaN|\+inf|-inf)"
+_PENDING_FLAGS = 8  # CUDA: finiteness flags in flight before the oldest is waited for
+_DIAGNOSIS_PARTICLES = 8  # draws per image when a bad step's sites are evaluated again
 
-
-class TrainingDivergedError(PplVaeError, FloatingPointError):
-    """The loss (or the parameters) became NaN or infinite; ``step`` is the first bad step
-    (1-based, counted over the run), ``checkpoint`` the last good checkpoint or ``None``."""
-
-    def __init__(self, message: str, *, step: int, epoch: int, checkpoint: Path | None):
-        super().__init__(message)
-        self.step = step
-        self.epoch = epoch
-        self.checkpoint = checkpoint
+RUNTIME_SETTINGS = ("device", "progress", "threads", "checkpoint_every")
+"""TrainConfig fields that may differ when a run is resumed: where and how it runs, not
+what it computes. (Other thread counts or devices can change the last bits of the result.)"""
 
 
 @dataclass(frozen=True)
@@ -143,6 +177,9 @@ class TrainConfig:
     :param engine: ``"fast"`` or ``"svi"`` (see the module docstring).
     :param threads: torch's CPU threads during the run; ``None`` leaves torch's default.
     :param eval_batch_size: images per validation batch; ``None`` uses ``batch_size``.
+    :param checkpoint_every: with an ``out_dir``, also write ``last.ckpt`` every this many
+        steps (within epochs), so a killed run loses at most that many steps; ``None``:
+        at the end of every epoch only.
     """
 
     epochs: int = 10
@@ -161,6 +198,7 @@ class TrainConfig:
     engine: str = "fast"
     threads: int | None = None
     eval_batch_size: int | None = None
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -173,6 +211,7 @@ class TrainConfig:
             positive_int(name, getattr(self, name))
         positive_int("threads", self.threads, allow_none=True)
         positive_int("eval_batch_size", self.eval_batch_size, allow_none=True)
+        positive_int("checkpoint_every", self.checkpoint_every, allow_none=True)
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta >= 0):
@@ -308,25 +347,31 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically: a reader sees the old file or the new one."""
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as handle:
-        tmp = handle.name
-        try:
+    """Replace ``path`` by ``text`` atomically: a reader sees the old file or the new one.
+
+    :raises WriteError: when it cannot be written (the old file is then unchanged).
+    """
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        ) as handle:
+            tmp = handle.name
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        except BaseException:
-            handle.close()
-            os.unlink(tmp)
-            raise
-    try:
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        tmp = None
+    except OSError as exc:
+        raise WriteError(
+            f"cannot write {path}: {exc.strerror or exc} ({type(exc).__name__}); check that "
+            f"{path.parent} is a writable folder with free space. The previous file under "
+            "that name is unchanged."
+        ) from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _json_number(value: Any) -> Any:
@@ -371,6 +416,8 @@ def _register_params(model: Callable, guide: Callable, x: Tensor, kwargs: dict) 
 class _FastEngine:
     """``elbo.differentiable_loss`` and one foreach Adam over the whole param store."""
 
+    can_resume = True
+
     def __init__(
         self, model, guide, elbo, config: TrainConfig, x0: Tensor, kwargs, device, binary: bool
     ):
@@ -394,12 +441,18 @@ class _FastEngine:
                 self.optimizer, gamma=config.lr_gamma
             )
 
-    def step(self, x: Tensor, kwargs: dict) -> Tensor:
+    def backward(self, x: Tensor, kwargs: dict) -> Tensor:
+        """The step's loss, its gradients in ``.grad``; :meth:`update` applies them."""
         loss = self.elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
         loss.backward()
+        return loss.detach()
+
+    def update(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+
+    def discard(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -423,6 +476,8 @@ class _FastEngine:
 class _SviEngine:
     """``pyro.infer.SVI`` with ``pyro.optim`` (one torch Adam per parameter)."""
 
+    can_resume = False  # pyro.optim's per-parameter states are not saved
+
     def __init__(self, model, guide, elbo, config: TrainConfig):
         adam = {"optimizer": torch.optim.Adam, "optim_args": {"lr": config.lr}}
         if config.lr_schedule == "cosine":
@@ -439,8 +494,15 @@ class _SviEngine:
         self.scheduler = None
         self._lr = config.lr
 
-    def step(self, x: Tensor, kwargs: dict) -> Tensor:
+    def backward(self, x: Tensor, kwargs: dict) -> Tensor:
+        # SVI steps as a whole: the update is applied here, whatever the loss.
         return torch.as_tensor(self.svi.step(x, **kwargs))
+
+    def update(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
 
     def lr(self) -> float:
         for obj in self.optim.optim_objs.values():
@@ -486,10 +548,15 @@ class _Validator:
         try:
             for m in self.modules.values():
                 m.eval()
+            if self.structure is None:
+                # Inspecting the pair runs it once: off the validation stream, so the first
+                # validation of a process draws the same numbers as every other one (an
+                # epoch validated after a resume included).
+                first = self.images[: self.batch_size]
+                with torch.no_grad(), _forked_rng(self.device):
+                    self.structure = inspect_pair(self.model, self.guide, (first,), kwargs)
             with torch.no_grad(), _forked_rng(self.device, self.seed):
                 for x in batches(self.images, self.batch_size, shuffle=False):
-                    if self.structure is None:
-                        self.structure = inspect_pair(self.model, self.guide, (x,), kwargs)
                     terms = sampled_site_terms(
                         self.model,
                         self.guide,
@@ -532,36 +599,176 @@ def _summarise(recon: Tensor, kl: Tensor, beta: float) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
+# Configuration guard
 # --------------------------------------------------------------------------------------------
 
 
-def _diverged(
+def _show(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else repr(value)
+
+
+def config_differences(
+    saved: Mapping[str, Any],
+    wanted: Mapping[str, Any],
     *,
-    step: int,
-    epoch: int,
-    params_bad: bool,
-    loss_bad: bool,
-    checkpoint: Path | None,
-    config: TrainConfig,
-) -> TrainingDivergedError:
-    what = "the loss became NaN or infinite" if loss_bad else "the parameters became NaN or inf"
-    where = f"at step {step} (epoch {epoch})" if loss_bad else f"by step {step} (epoch {epoch})"
-    if params_bad and loss_bad:
-        what += ", and so did the parameters"
-    saved = (
-        f"the last good checkpoint is {checkpoint}"
-        if checkpoint is not None
-        else "no checkpoint was written before it"
-    )
-    return TrainingDivergedError(
-        f"training diverged: {what} {where}; {saved}. Try a smaller learning rate "
-        f"(lr={config.lr:g}), more particles, or check the data and networks for values that "
-        "overflow.",
-        step=step,
-        epoch=epoch,
-        checkpoint=checkpoint,
-    )
+    partial: bool = False,
+    ignore: tuple[str, ...] = (),
+) -> list[str]:
+    """The differences between two nested plain-JSON configurations, one line per key, as
+    ``"train.lr: saved 0.01, asked 0.001"`` (numbers compare by value, tuples as lists).
+
+    :param partial: compare only the keys ``wanted`` has (settings given on a command line).
+    :param ignore: dotted keys not compared (``"train.device"``).
+    """
+    saved = json.loads(json.dumps(dict(saved)))
+    wanted = json.loads(json.dumps(dict(wanted)))
+    out: list[str] = []
+
+    def walk(a: dict, b: dict, prefix: str) -> None:
+        keys = set(b) if partial else set(a) | set(b)
+        for key in sorted(keys):
+            dotted = f"{prefix}{key}"
+            if dotted in ignore:
+                continue
+            if key not in a:
+                out.append(f"{dotted}: not saved, asked {_show(b[key])}")
+            elif key not in b:
+                out.append(f"{dotted}: saved {_show(a[key])}, not given now")
+            elif isinstance(a[key], dict) and isinstance(b[key], dict):
+                walk(a[key], b[key], f"{dotted}.")
+            elif a[key] != b[key] or isinstance(a[key], bool) != isinstance(b[key], bool):
+                out.append(f"{dotted}: saved {_show(a[key])}, asked {_show(b[key])}")
+
+    walk(saved, wanted, "")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Signals and the NaN guard
+# --------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; read by the loop at each step boundary (a Python attribute)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+
+@contextlib.contextmanager
+def _catch_signals(enabled: bool) -> Iterator[_StopFlag]:
+    """While training, SIGINT and SIGTERM only set a flag: the loop then writes a checkpoint
+    at the next step boundary and stops. A second Ctrl-C stops at once (the checkpoints on
+    disk stay whole: they are replaced atomically)."""
+    flag = _StopFlag()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.signum = signum
+
+    previous: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+@dataclass
+class _BadStep:
+    """A step whose loss was not finite, with what is needed to name the culprit."""
+
+    step: int
+    x: Tensor
+    beta: float
+
+
+class _LossGuard:
+    """Finds the first step whose loss is not finite, on CUDA, without waiting for the device.
+
+    (On CPU the loop reads each step's loss as it comes, before the update is applied.) On
+    CUDA each step's flag is copied to pinned memory without blocking and read once it has
+    landed, so no step waits for the device: a bad loss is seen a few steps later, still
+    with its own step and batch.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.lazy = device.type == "cuda"
+        self.pending: deque[tuple[_BadStep, Tensor, Any]] = deque()
+        self.slots: list[Tensor] = []
+        self.next_slot = 0
+        if self.lazy:
+            self.slots = [
+                torch.empty((), dtype=torch.bool).pin_memory() for _ in range(_PENDING_FLAGS)
+            ]
+
+    def check(self, loss: Tensor, step: int, x: Tensor, beta: float) -> _BadStep | None:
+        """The first bad step known now, or ``None`` (CUDA; on CPU the loop reads the loss)."""
+        record = _BadStep(step, x, beta)
+        if len(self.pending) == len(self.slots):  # the oldest flag's slot is needed again
+            self.pending[0][2].synchronize()
+            bad = self._pop()
+            if bad is not None:
+                return bad
+        slot = self.slots[self.next_slot]
+        self.next_slot = (self.next_slot + 1) % len(self.slots)
+        slot.copy_(torch.isfinite(loss), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((record, slot, event))
+        while self.pending and self.pending[0][2].query():
+            bad = self._pop()
+            if bad is not None:
+                return bad
+        return None
+
+    def drain(self) -> _BadStep | None:
+        """Wait for every flag in flight; the first bad step, if any."""
+        while self.pending:
+            self.pending[0][2].synchronize()
+            bad = self._pop()
+            if bad is not None:
+                return bad
+        return None
+
+    def _pop(self) -> _BadStep | None:
+        record, slot, _ = self.pending.popleft()
+        if bool(slot):
+            return None
+        self.pending.clear()
+        return record
+
+
+def _nonfinite_parameters() -> list[str]:
+    """Names of the param-store entries holding NaN or inf (one device read when none)."""
+    named = list(pyro.get_param_store().named_parameters())
+    if not named:
+        return []
+    with torch.no_grad():
+        flags = torch.stack([torch.isfinite(p).all() for _, p in named])
+        if bool(flags.all()):
+            return []
+        return [name for (name, _), ok in zip(named, flags.tolist(), strict=True) if not ok]
+
+
+def _what_is_nonfinite(t: Tensor) -> str:
+    return "NaN" if bool(torch.isnan(t).any()) else "infinite"
+
+
+def _list_names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
 
 
 def fit(
@@ -577,16 +784,19 @@ def fit(
     step_kwargs: Mapping[str, Any] | None = None,
     beta_schedule: Callable[[int], float] | None = None,
     checkpoint_config: Mapping[str, Any] | None = None,
+    resume: str | os.PathLike[str] | Checkpoint | None = None,
+    handle_signals: bool = True,
 ) -> History:
     """Train ``(model, guide)`` on ``train_images`` by SVI and return the per-epoch history.
 
     Each step calls ``model(x, beta=beta, **step_kwargs)`` and the guide alike, ``x`` a batch
     of rows of ``train_images`` in a random order drawn anew each epoch from ``config.seed``
-    (the last batch is smaller, except with a Jit ELBO, which needs one batch shape and so
-    drops the remainder). Validate the data once beforehand and pass ``check_data=False``
-    in ``step_kwargs`` to skip the per-step checks of :mod:`ppl_vae.models.vae`. Pyro's
-    argument checks (when enabled) run on the first step only: later a NaN argument shows
-    as a NaN loss, which stops the run with :class:`TrainingDivergedError`.
+    and the epoch (the last batch is smaller, except with a Jit ELBO, which needs one batch
+    shape and so drops the remainder). Validate the data once beforehand and pass
+    ``check_data=False`` in ``step_kwargs`` to skip the per-step checks of
+    :mod:`ppl_vae.models.vae`. Pyro's argument checks (when enabled) run on the first step
+    only: later a NaN argument shows as a NaN loss, which stops the run with
+    :class:`TrainingDivergedError`.
 
     The param store is not cleared: clear it (and seed) for a fresh run. Networks passed in
     ``modules`` (by their ``pyro.module`` names) are moved to the device, put in eval mode
@@ -602,8 +812,20 @@ def fit(
         with a Jit ELBO, which compiles once per distinct keyword value.
     :param checkpoint_config: more plain JSON stored with the checkpoints' config, next to
         ``"train"`` (the TrainConfig), e.g. the networks' settings.
-    :raises TrainingDivergedError: when the loss or the parameters become NaN or infinite;
-        the checkpoints of the last finished epoch stay in place.
+    :param resume: a checkpoint written by ``fit`` (path or loaded): continue that run from
+        where it stopped, with the same model, guide, data and configuration (only
+        :data:`RUNTIME_SETTINGS` may differ). The history returned includes the epochs
+        before it. Not with ``engine="svi"``.
+    :param handle_signals: with ``out_dir``, catch SIGINT and SIGTERM while training (in the
+        main thread): write ``last.ckpt`` at the next step boundary, then raise
+        :class:`TrainingInterrupted`.
+    :raises TrainingDivergedError: when the loss or a gradient becomes NaN or infinite,
+        naming the step and the site (or parameter); the last good checkpoint stays.
+    :raises TrainingInterrupted: after SIGINT/SIGTERM, once ``last.ckpt`` is written.
+    :raises ConfigMismatchError: when ``resume`` was written with another configuration.
+    :raises CheckpointError: when ``resume`` cannot be read or resumed;
+        :class:`~ppl_vae.errors.CheckpointWriteError` when a checkpoint cannot be written
+        (training stops: it never carries on as if it had saved).
     """
     _check_images(train_images, "train_images")
     if validation is not None:
@@ -624,17 +846,29 @@ def fit(
         )
     modules = dict(modules or {})
     ckpt_config = {"train": config.to_dict(), **dict(checkpoint_config or {})}
+    checkpoint = None
+    if resume is not None:
+        checkpoint = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
 
     device = resolve_device(config.device)
     out = Path(out_dir) if out_dir is not None else None
     ckpt_dir = out / "checkpoints" if out is not None else None
     if ckpt_dir is not None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WriteError(
+                f"cannot create the checkpoint folder {ckpt_dir}: {exc.strerror or exc}"
+            ) from exc
 
-    with _threads(config.threads), warnings.catch_warnings():
+    with (
+        _threads(config.threads),
+        warnings.catch_warnings(),
+        _catch_signals(handle_signals and out is not None) as stop,
+    ):
         # Pyro warns at every NaN loss; the guard below reports it once, with the step.
         warnings.filterwarnings("ignore", message=_NAN_WARNING, category=UserWarning)
-        return _run(
+        loop = _Loop(
             model,
             guide,
             train_images,
@@ -649,196 +883,503 @@ def fit(
             beta_schedule=beta_schedule,
             ckpt_config=ckpt_config,
             jit=jit,
+            stop=stop,
         )
+        return loop.run(checkpoint)
 
 
-def _run(
-    model: Callable,
-    guide: Callable,
-    train_images: Tensor,
-    validation: Tensor | None,
-    *,
-    config: TrainConfig,
-    modules: dict[str, nn.Module],
-    out: Path | None,
-    ckpt_dir: Path | None,
-    device: torch.device,
-    dynamic_binarize: bool,
-    kwargs: dict[str, Any],
-    beta_schedule: Callable[[int], float] | None,
-    ckpt_config: dict[str, Any],
-    jit: bool,
-) -> History:
-    pyro.set_rng_seed(config.seed)
-    x_train = train_images.to(device)  # moved once; batches are slices of it
-    x_val = validation.to(device) if validation is not None else None
-    for m in modules.values():
-        m.to(device)
+class _Loop:
+    """One training run: its engine, counters, data order and checkpoints."""
 
-    n = int(x_train.shape[0])
-    bs = config.batch_size
-    drop_last = jit and n >= bs
-    steps_per_epoch = n // bs if drop_last else math.ceil(n / bs)
-    images_per_epoch = steps_per_epoch * bs if drop_last else n
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        train_images: Tensor,
+        validation: Tensor | None,
+        *,
+        config: TrainConfig,
+        modules: dict[str, nn.Module],
+        out: Path | None,
+        ckpt_dir: Path | None,
+        device: torch.device,
+        dynamic_binarize: bool,
+        kwargs: dict[str, Any],
+        beta_schedule: Callable[[int], float] | None,
+        ckpt_config: dict[str, Any],
+        jit: bool,
+        stop: _StopFlag,
+    ) -> None:
+        self.model, self.guide = model, guide
+        self.config = config
+        self.modules = modules
+        self.out, self.ckpt_dir = out, ckpt_dir
+        self.device = device
+        self.dynamic_binarize = dynamic_binarize
+        self.kwargs = kwargs
+        self.beta_schedule = beta_schedule
+        self.ckpt_config = ckpt_config
+        self.stop = stop
 
-    def beta_at(step: int) -> float:
-        return float(beta_schedule(step)) if beta_schedule is not None else float(config.beta)
+        pyro.set_rng_seed(config.seed)
+        self.x_train = train_images.to(device)  # moved once; batches are slices of it
+        self.x_val = validation.to(device) if validation is not None else None
+        for m in modules.values():
+            m.to(device)
+        self.n = int(self.x_train.shape[0])
+        self.bs = config.batch_size
+        drop_last = jit and self.n >= self.bs
+        self.steps_per_epoch = self.n // self.bs if drop_last else math.ceil(self.n / self.bs)
+        self.images_per_epoch = self.steps_per_epoch * self.bs if drop_last else self.n
 
-    elbo = make_elbo(config)
-    if config.engine == "fast":
-        engine: _FastEngine | _SviEngine = _FastEngine(
-            model,
-            guide,
-            elbo,
-            config,
-            x_train[:bs],
-            {**kwargs, "beta": float(config.beta)},  # any beta: no gradient is taken
-            device,
-            dynamic_binarize,
-        )
-    else:
-        engine = _SviEngine(model, guide, elbo, config)
+        elbo = make_elbo(config)
+        if config.engine == "fast":
+            self.engine: _FastEngine | _SviEngine = _FastEngine(
+                model,
+                guide,
+                elbo,
+                config,
+                self.x_train[: self.bs],
+                {**kwargs, "beta": float(config.beta)},  # any beta: no gradient is taken
+                device,
+                dynamic_binarize,
+            )
+        else:
+            self.engine = _SviEngine(model, guide, elbo, config)
+        self.validator = None
+        if self.x_val is not None:
+            self.validator = _Validator(
+                model,
+                guide,
+                self.x_val,
+                kwargs,
+                config.eval_batch_size or self.bs,
+                _sub_seed(config.seed, _STREAM_VALIDATION),
+                device,
+                modules,
+            )
+        self.guard = _LossGuard(device)
+        self.order = torch.Generator(device=device)  # batch order and dynamic binarisation
+        # The epoch's summed loss: on CUDA a device tensor, read once per epoch; on CPU a
+        # Python float (float64, as the tensor would be), each step's loss read as it comes.
+        self.lazy = self.guard.lazy and config.engine == "fast"
 
-    validator = None
-    if x_val is not None:
-        validator = _Validator(
-            model,
-            guide,
-            x_val,
-            kwargs,
-            config.eval_batch_size or bs,
-            _sub_seed(config.seed, _STREAM_VALIDATION),
-            device,
-            modules,
-        )
-    # The bar's running value is the ELBO when beta = 1, the beta-ELBO otherwise.
-    label = "elbo" if beta_schedule is None and config.beta == 1 else "objective"
-    shown_val: dict[str, str] = {}  # the last epoch's numbers, kept on the bar
-    order = torch.Generator(device=device)
-    history = History(out_dir=out)
-    best_value = -math.inf
-    last_good: Path | None = None
-    step = 0
-    started = time.perf_counter()
-    bar = tqdm(
-        total=config.epochs * steps_per_epoch,
-        disable=not config.progress,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    try:
-        for epoch in range(1, config.epochs + 1):
-            t0 = time.perf_counter()
-            bar.set_description(f"epoch {epoch}/{config.epochs}")
-            # One stream per epoch: the order depends on (seed, epoch) only, so a run resumed
-            # at an epoch boundary sees the same batches.
-            order.manual_seed(_sub_seed(config.seed, _STREAM_BATCH_ORDER, epoch))
-            acc_device = device if config.engine == "fast" else torch.device("cpu")
-            total = torch.zeros((), device=acc_device, dtype=torch.float64)
-            ok = torch.ones((), device=acc_device, dtype=torch.bool)
-            n_ok = torch.zeros((), device=acc_device, dtype=torch.int64)
-            seen = 0
-            shown = time.perf_counter()
-            epoch_start_step = step
-            beta = math.nan  # set by every step: the schedule is called once per step
-            lr = engine.lr()
-            for x in batches(
-                x_train,
-                bs,
-                shuffle=True,
-                generator=order,
-                dynamic_binarize=dynamic_binarize,
-                drop_last=drop_last,
-            ):
-                beta = beta_at(step)
-                # Argument checks run on the first step, where a model bug shows; later they
-                # would cost a device sync per distribution and step, and NaN arguments then
-                # show as a NaN loss, which the guard below reports.
-                checks = contextlib.nullcontext() if step == 0 else pyro.validation_enabled(False)
-                try:
-                    with checks:
-                        loss = engine.step(x, {**kwargs, "beta": beta})
-                except (ValueError, RuntimeError) as exc:
-                    # NaN parameters make the next step's distributions reject their
-                    # arguments; report that as divergence, with the step it began.
-                    params_bad = _any_nonfinite(engine.parameters())
-                    losses_bad = not bool(ok)
-                    if params_bad or losses_bad:
-                        first = epoch_start_step + int(n_ok) + 1 if losses_bad else step + 1
-                        raise _diverged(
-                            step=first,
-                            epoch=epoch,
-                            params_bad=params_bad,
-                            loss_bad=losses_bad,
-                            checkpoint=last_good,
-                            config=config,
-                        ) from exc
-                    raise
-                step += 1
-                seen += int(x.shape[0])
-                total += loss
-                ok &= torch.isfinite(loss)
-                n_ok += ok
-                bar.update(1)
-                if config.progress and time.perf_counter() - shown > _PROGRESS_REFRESH_S:
-                    shown = time.perf_counter()
-                    bar.set_postfix({label: f"{-float(total) / seen:.2f}/img", **shown_val})
-            train_loss = float(total)  # the epoch's one read of the training loss
-            if not bool(ok) or not math.isfinite(train_loss):
-                raise _diverged(
-                    step=epoch_start_step + int(n_ok) + 1,
-                    epoch=epoch,
-                    params_bad=_any_nonfinite(engine.parameters()),
-                    loss_bad=True,
-                    checkpoint=last_good,
-                    config=config,
+        # Counters: everything a checkpoint needs to carry on from a step boundary.
+        self.history = History(out_dir=out)
+        self.epoch = 0  # finished epochs
+        self.step = 0  # finished steps, over the run
+        self.position = 0  # finished steps of the epoch in progress (epoch + 1)
+        self.best_value = -math.inf
+        self.total: Tensor | float = self._zero()
+        self.seen = 0
+        self.beta = math.nan
+        self.epoch_seconds = 0.0  # train time of the epoch in progress, before this process
+        self.seconds = 0.0  # wall time of the run, before this process
+        self.order_state: Tensor | None = None  # the generator's state at ``position``
+        self.last_good: Path | None = None
+        self.started = self.epoch_started = time.perf_counter()
+
+    # ---- resuming ------------------------------------------------------------------------
+
+    def _resume(self, checkpoint: Checkpoint) -> None:
+        where = f"checkpoint {checkpoint.path}"
+        if not self.engine.can_resume:
+            raise CheckpointError(
+                f"cannot resume from {where}: engine='svi' keeps one optimizer per parameter "
+                "inside Pyro and saves none of their states, so it cannot continue exactly. "
+                "Train with engine='fast' (the default) to be able to resume."
+            )
+        runtime = tuple(f"train.{key}" for key in RUNTIME_SETTINGS)
+        differences = config_differences(checkpoint.config, self.ckpt_config, ignore=runtime)
+        if differences:
+            raise ConfigMismatchError(
+                f"cannot resume from {where} with another configuration: "
+                f"{'; '.join(differences)}. Resume with the run's own settings, or start a "
+                "new run in another folder.",
+                differences=differences,
+            )
+        counters, state = checkpoint.counters, checkpoint.state
+        if "history" not in state or checkpoint.rng is None or checkpoint.optimizer is None:
+            raise CheckpointError(
+                f"{where} does not hold the trainer's state (history, random states, "
+                "optimizer): it was not written by fit, or by an older ppl-vae, so the run "
+                "cannot continue exactly from it"
+            )
+        images = [self.n, int(self.x_train.shape[1])]
+        if counters.get("images") != images:
+            difference = f"training images: saved {counters.get('images')}, asked {images}"
+            raise ConfigMismatchError(
+                f"cannot resume from {where}: it was trained on other data ({difference}, "
+                "as [count, values per image]); use the same data set and subset",
+                differences=[difference],
+            )
+        saved_device = counters.get("order_device", self.order.device.type)
+        if counters.get("position") and saved_device != self.order.device.type:
+            raise CheckpointError(
+                f"{where} was written within an epoch on {saved_device}, whose data-order "
+                f"generator cannot continue on {self.order.device.type}: resume it on "
+                f"{saved_device} (a checkpoint written at the end of an epoch resumes on any "
+                "device)"
+            )
+        try:
+            self.epoch = int(counters["epoch"])
+            self.step = int(counters["step"])
+            self.position = int(counters["position"])
+            self.best_value = float(counters["best_value"])
+            self.history.best_epoch = counters["best_epoch"]
+            self.seconds = float(counters.get("seconds", 0.0))
+            self.history.rows = [{k: row[k] for k in HISTORY_COLUMNS} for row in state["history"]]
+            if self.position:
+                total = state["epoch_total"]
+                self.total = (
+                    total.to(self.device, torch.float64) if self.lazy else float(total.item())
                 )
-            train_seconds = time.perf_counter() - t0
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "step": step,
-                "lr": lr,
-                "beta": beta,
-                "train_objective": -train_loss / images_per_epoch,
-            }
-            if validator is not None:
-                row.update(_summarise(*validator(), beta))
-            else:
-                row.update(dict.fromkeys(_VAL_COLUMNS))
-            engine.end_epoch()  # scheduler step: the next epoch's rate
-            score = row["val_elbo"] if validator is not None else row["train_objective"]
-            row["best"] = bool(score > best_value)
-            if row["best"]:
-                best_value = score
-                history.best_epoch = epoch
-            row["train_seconds"] = train_seconds
-            row["seconds"] = time.perf_counter() - t0
-            history.rows.append({k: row[k] for k in HISTORY_COLUMNS})
-            if out is not None and ckpt_dir is not None:
-                counters = {
-                    "epoch": epoch,
-                    "step": step,
-                    "position": 0,  # batches done in the next epoch: saved at its boundary
-                    "best_epoch": history.best_epoch,
-                    "best_value": best_value,
-                    "seconds": time.perf_counter() - started,
-                }
-                for name in ("last", "best") if row["best"] else ("last",):
-                    save_checkpoint(
-                        ckpt_dir / f"{name}.ckpt",
-                        modules=modules,
-                        optimizer=engine.optimizer,
-                        scheduler=engine.scheduler,
-                        counters=counters,
-                        config=ckpt_config,
+                self.order_state = state["order_rng"]
+                self.seen = int(counters["seen"])
+                self.beta = float(counters["beta"])
+                self.epoch_seconds = float(counters["train_seconds"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{where} holds malformed counters ({type(exc).__name__}: {exc})"
+            ) from None
+        if not (
+            0 <= self.epoch <= self.config.epochs
+            and 0 <= self.position < self.steps_per_epoch
+            and len(self.history.rows) == self.epoch
+            and self.step == self.epoch * self.steps_per_epoch + self.position
+        ):
+            raise CheckpointError(
+                f"{where} holds counters that do not fit this run (epoch {self.epoch} of "
+                f"{self.config.epochs}, step {self.step}, position {self.position} of "
+                f"{self.steps_per_epoch} steps per epoch)"
+            )
+        if self.ckpt_dir is not None:
+            remove_stale_temporaries(self.ckpt_dir)
+            self.last_good = checkpoint.path
+        if self.out is not None:
+            for leftover in self.out.glob(".history.*.tmp"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            if self.history.rows:
+                _write_history(self.out, self.history.rows)  # the rows the checkpoint has
+        # Parameters, optimizer, scheduler, then every random state: nothing draws after this
+        # before the next step.
+        restore(checkpoint, modules=self.modules, rng=False, device=self.device)
+        restore_optimizer(
+            checkpoint, self.engine.optimizer, scheduler=self.engine.scheduler, modules=self.modules
+        )
+        restore_rng(checkpoint)
+
+    # ---- checkpoints and failures --------------------------------------------------------
+
+    def _save(self, names: tuple[str, ...]) -> None:
+        """Write the named checkpoints at the current step boundary, once every loss so far
+        is known to be finite and so is every parameter."""
+        if self.ckpt_dir is None:
+            return
+        bad = self.guard.drain()
+        if bad is not None:
+            raise self._diverged(bad)
+        broken = _nonfinite_parameters()
+        if broken:
+            raise self._diverged_parameters(broken, self.step, known=False)
+        counters: dict[str, Any] = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "position": self.position,  # finished steps of epoch ``epoch + 1``
+            "best_epoch": self.history.best_epoch,
+            "best_value": self.best_value,
+            "seconds": self.seconds + time.perf_counter() - self.started,
+            "images": [self.n, int(self.x_train.shape[1])],
+        }
+        state: dict[str, Any] = {"history": self.history.rows}
+        if self.position:
+            counters.update(
+                seen=self.seen,
+                beta=self.beta,
+                train_seconds=self._epoch_train_seconds(),
+                order_device=self.order.device.type,
+            )
+            total = torch.as_tensor(self.total, dtype=torch.float64)
+            state.update(epoch_total=total, order_rng=self.order.get_state())
+        # best before last: a kill between the two leaves last.ckpt at the previous boundary,
+        # and resuming from it writes the same best.ckpt again.
+        for name in names:
+            save_checkpoint(
+                self.ckpt_dir / f"{name}.ckpt",
+                modules=self.modules,
+                optimizer=self.engine.optimizer,
+                scheduler=self.engine.scheduler,
+                counters=counters,
+                config=self.ckpt_config,
+                state=state,
+            )
+        self.last_good = self.ckpt_dir / "last.ckpt"
+
+    def _epoch_train_seconds(self) -> float:
+        return self.epoch_seconds + time.perf_counter() - self.epoch_started
+
+    def _epoch_of(self, step: int) -> int:
+        return max(1, (step - 1) // self.steps_per_epoch + 1)
+
+    def _saved(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written before it"
+        return f"the last good checkpoint is {self.last_good}"
+
+    def _error(self, what: str, *, step: int, site: str | None) -> TrainingDivergedError:
+        epoch = self._epoch_of(step)
+        return TrainingDivergedError(
+            f"training diverged at step {step} (epoch {epoch}): {what}; {self._saved()}. Try a "
+            f"smaller learning rate (lr={self.config.lr:g}), more particles, or check the data "
+            "and networks for values that overflow.",
+            step=step,
+            epoch=epoch,
+            checkpoint=self.last_good,
+            site=site,
+        )
+
+    def _diverged_parameters(
+        self, names: list[str], step: int, *, known: bool
+    ) -> TrainingDivergedError:
+        noun = "parameter" if len(names) == 1 else "parameters"
+        if known and step >= 1:
+            what = (
+                f"the gradient of {noun} {_list_names(names)} was NaN or infinite at this step "
+                "(the loss was finite), so the update made the "
+                f"{noun} non-finite and the next step's loss is not finite"
+            )
+        else:
+            what = f"{noun} {_list_names(names)} became NaN or infinite"
+        return self._error(what, step=max(step, 1), site=names[0])
+
+    def _diverged(self, bad: _BadStep) -> TrainingDivergedError:
+        """Name what went wrong at ``bad.step``: a parameter made non-finite by the previous
+        update (its gradient), or the sample site whose ELBO term is non-finite on the
+        step's batch, evaluated again (off the training stream) with at least
+        :data:`_DIAGNOSIS_PARTICLES` particles."""
+        broken = _nonfinite_parameters()
+        if broken:
+            # On CPU the bad step's update is held back, so the damage came from the step
+            # before; on CUDA it may be the bad step's own update.
+            return self._diverged_parameters(
+                broken, bad.step - 1 if not self.lazy else bad.step, known=not self.lazy
+            )
+        sites: list[tuple[str, str, str]] = []
+        note = ""
+        try:
+            kwargs = {**self.kwargs, "beta": bad.beta}
+            with (
+                torch.no_grad(),
+                _forked_rng(self.device),
+                pyro.validation_enabled(False),
+                warnings.catch_warnings(),
+            ):
+                warnings.simplefilter("ignore")
+                terms = sampled_site_terms(
+                    self.model,
+                    self.guide,
+                    bad.x,
+                    num_particles=max(self.config.num_particles, _DIAGNOSIS_PARTICLES),
+                    analytic_kl=self.config.elbo.endswith("meanfield"),
+                    **kwargs,
+                )
+            for name, (kind, _, value) in terms.items():
+                if not bool(torch.isfinite(value).all()):
+                    sites.append((name, kind, _what_is_nonfinite(value)))
+        except Exception as exc:  # the diagnosis must not hide the divergence
+            note = f" (the sites could not be evaluated: {type(exc).__name__}: {exc})"
+        if sites:
+            name, kind, value = sites[0]
+            term = "reconstruction term (log p)" if kind == "reconstruction" else "KL term"
+            what = (
+                f"the loss is not finite: the {term} of sample site {name!r} is {value} on "
+                "this step's batch"
+            )
+            if len(sites) > 1:
+                what += f" (so are those of {_list_names([s[0] for s in sites[1:]])})"
+            return self._error(what, step=bad.step, site=name)
+        return self._error(
+            "the loss became NaN or infinite, though no site's term is when the batch is "
+            f"evaluated again{note}",
+            step=bad.step,
+            site=None,
+        )
+
+    def _interrupt(self) -> TrainingInterrupted:
+        signum = int(self.stop.signum or signal.SIGINT)
+        name = signal.Signals(signum).name
+        where = (
+            f"checkpoint written to {self.last_good}; resume with "
+            f"'ppl-vae train --resume {self.out}' (or fit(..., resume=...))"
+            if self.last_good is not None
+            else "no checkpoint"
+        )
+        return TrainingInterrupted(
+            f"interrupted by {name} after step {self.step} (epoch {self.epoch + 1} of "
+            f"{self.config.epochs}); {where}",
+            signum=signum,
+            step=self.step,
+            epoch=self.epoch,
+            checkpoint=self.last_good,
+        )
+
+    # ---- the data order ------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> Tensor:
+        """The epoch's permutation: a stream per epoch, so the order depends on (seed, epoch)
+        only and the position in it says where a resumed run continues."""
+        self.order.manual_seed(_sub_seed(self.config.seed, _STREAM_BATCH_ORDER, epoch))
+        perm = torch.randperm(self.n, generator=self.order, device=self.order.device)
+        return perm.to(self.x_train.device)
+
+    def _batch(self, perm: Tensor, index: int) -> Tensor:
+        start = index * self.bs
+        x = self.x_train.index_select(0, perm[start : min(start + self.bs, self.n)])
+        if self.dynamic_binarize:
+            x = binarize(x, self.order)
+        return x
+
+    # ---- the run -------------------------------------------------------------------------
+
+    def run(self, checkpoint: Checkpoint | None) -> History:
+        config, engine = self.config, self.engine
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        checkpoint_every = config.checkpoint_every if self.ckpt_dir is not None else None
+        # The bar's running value is the ELBO when beta = 1, the beta-ELBO otherwise.
+        label = "elbo" if self.beta_schedule is None and config.beta == 1 else "objective"
+        shown_val = _postfix(self.history.rows[-1]) if self.history.rows else {}
+        bar = tqdm(
+            total=config.epochs * self.steps_per_epoch,
+            initial=self.step,
+            disable=not config.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        try:
+            for epoch in range(self.epoch + 1, config.epochs + 1):
+                self.epoch_started = t0 = time.perf_counter()
+                bar.set_description(f"epoch {epoch}/{config.epochs}")
+                perm = self._epoch_order(epoch)
+                if self.position and self.order_state is not None:
+                    self.order.set_state(self.order_state)  # as it was at the position
+                else:
+                    self.total = self._zero()
+                    self.seen, self.beta, self.epoch_seconds = 0, math.nan, 0.0
+                self.order_state = None
+                shown = time.perf_counter()
+                lr = engine.lr()
+                for index in range(self.position, self.steps_per_epoch):
+                    if self.stop.signum is not None:
+                        self._save(("last",))
+                        raise self._interrupt()
+                    self._step(self._batch(perm, index))
+                    self.position = index + 1
+                    bar.update(1)
+                    if (
+                        checkpoint_every is not None
+                        and self.step % checkpoint_every == 0
+                        and self.position < self.steps_per_epoch
+                    ):
+                        self._save(("last",))
+                    if config.progress and time.perf_counter() - shown > _PROGRESS_REFRESH_S:
+                        shown = time.perf_counter()
+                        value = -float(self.total) / self.seen
+                        bar.set_postfix({label: f"{value:.2f}/img", **shown_val})
+                bad = self.guard.drain()
+                if bad is not None:
+                    raise self._diverged(bad)
+                train_loss = float(self.total)  # the epoch's one read of the training loss
+                if not math.isfinite(train_loss):  # the guard saw every step: cannot happen
+                    raise self._error(
+                        "the epoch's summed loss is not finite", step=self.step, site=None
                     )
-                last_good = ckpt_dir / "last.ckpt"
-                _write_history(out, history.rows)
-            shown_val = _postfix(row)
-            bar.set_postfix(shown_val)
-    finally:
-        bar.close()
-    return history
+                train_seconds = self._epoch_train_seconds()
+                row = self._end_epoch(epoch, lr, train_loss, train_seconds, t0)
+                shown_val = _postfix(row)
+                bar.set_postfix(shown_val)
+                if self.stop.signum is not None and epoch < config.epochs:
+                    raise self._interrupt()  # the epoch's checkpoint is written
+        finally:
+            bar.close()
+        return self.history
+
+    def _step(self, x: Tensor) -> None:
+        engine = self.engine
+        beta = (
+            float(self.beta_schedule(self.step))
+            if self.beta_schedule is not None
+            else float(self.config.beta)
+        )
+        # Argument checks run on the first step, where a model bug shows; later they would
+        # cost a device sync per distribution and step, and NaN arguments then show as a NaN
+        # loss, which the guard reports.
+        checks = contextlib.nullcontext() if self.step == 0 else pyro.validation_enabled(False)
+        try:
+            with checks:
+                loss = engine.backward(x, {**self.kwargs, "beta": beta})
+        except (ValueError, RuntimeError) as exc:
+            # NaN parameters make the next step's distributions reject their arguments;
+            # report that as divergence.
+            engine.discard()
+            bad = self.guard.drain()
+            if bad is not None:
+                raise self._diverged(bad) from exc
+            broken = _nonfinite_parameters()
+            if broken:
+                raise self._diverged_parameters(broken, self.step, known=False) from exc
+            raise
+        if self.lazy:
+            bad = self.guard.check(loss, self.step + 1, x, beta)
+        else:
+            # On CPU the loss is computed by now: reading it costs a fraction of a
+            # microsecond, and the update is held back when it is not finite.
+            value = loss.item()
+            bad = None if math.isfinite(value) else _BadStep(self.step + 1, x, beta)
+        if bad is not None:
+            engine.discard()  # the bad step's update is not applied (CPU)
+            raise self._diverged(bad)
+        engine.update()
+        self.step += 1
+        self.seen += int(x.shape[0])
+        if self.lazy:
+            self.total += loss
+        else:
+            self.total += value
+        self.beta = beta
+
+    def _zero(self) -> Tensor | float:
+        return torch.zeros((), device=self.device, dtype=torch.float64) if self.lazy else 0.0
+
+    def _end_epoch(
+        self, epoch: int, lr: float, train_loss: float, train_seconds: float, t0: float
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": self.step,
+            "lr": lr,
+            "beta": self.beta,
+            "train_objective": -train_loss / self.images_per_epoch,
+        }
+        if self.validator is not None:
+            row.update(_summarise(*self.validator(), self.beta))
+        else:
+            row.update(dict.fromkeys(_VAL_COLUMNS))
+        self.engine.end_epoch()  # scheduler step: the next epoch's rate
+        score = row["val_elbo"] if self.validator is not None else row["train_objective"]
+        row["best"] = bool(score > self.best_value)
+        if row["best"]:
+            self.best_value = score
+            self.history.best_epoch = epoch
+        row["train_seconds"] = train_seconds
+        row["seconds"] = self.epoch_seconds + time.perf_counter() - t0  # with validation
+        self.history.rows.append({k: row[k] for k in HISTORY_COLUMNS})
+        self.epoch, self.position = epoch, 0
+        if self.out is not None:
+            self._save(("best", "last") if row["best"] else ("last",))
+            _write_history(self.out, self.history.rows)
+        return row
 
 
 def _postfix(row: dict[str, Any]) -> dict[str, str]:
@@ -849,8 +1390,3 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
         "recon": f"{row['val_reconstruction']:.2f}",
         "kl": f"{row['val_kl']:.2f}",
     }
-
-
-def _any_nonfinite(params: list[Tensor]) -> bool:
-    with torch.no_grad():
-        return any(not bool(torch.isfinite(p).all()) for p in params)

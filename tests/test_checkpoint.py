@@ -439,3 +439,63 @@ def test_checkpoint_without_param_store(tmp_path):
     after = _store_snapshot()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("net$$$"))
+
+
+def test_trainer_state_round_trips_exactly(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    torch.rand(5, generator=generator)
+    state = {
+        "order_rng": generator.get_state(),
+        "epoch_total": torch.tensor(-1234.5678901234, dtype=torch.float64),
+        "history": [{"epoch": 1, "val_elbo": -30.25, "val_elbo_se": float("nan"), "best": True}],
+        "pair": (1, "two"),
+    }
+    path = save_checkpoint(tmp_path / "s.ckpt", state=state, counters={"best": -float("inf")})
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded.state["order_rng"], state["order_rng"])
+    assert loaded.state["epoch_total"].dtype == torch.float64
+    assert torch.equal(loaded.state["epoch_total"], state["epoch_total"])
+    assert loaded.state["pair"] == (1, "two")
+    row = loaded.state["history"][0]
+    assert row["val_elbo"] == -30.25 and row["best"] is True and np.isnan(row["val_elbo_se"])
+    assert loaded.counters["best"] == -float("inf")
+    again = torch.Generator()
+    again.set_state(loaded.state["order_rng"])
+    assert torch.equal(torch.rand(3, generator=again), torch.rand(3, generator=generator))
+    assert load_checkpoint(save_checkpoint(tmp_path / "n.ckpt")).state == {}
+
+
+def test_write_failures_are_typed_and_stale_temporaries_removed(tmp_path, monkeypatch):
+    from ppl_vae.checkpoint import remove_stale_temporaries
+    from ppl_vae.errors import CheckpointWriteError, WriteError
+
+    def crash(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(CheckpointWriteError) as info:
+        save_checkpoint(tmp_path / "a.ckpt")
+    monkeypatch.undo()
+    assert isinstance(info.value, WriteError) and isinstance(info.value, OSError)
+    assert info.value.exit_code == 4 and "Read-only file system" in str(info.value)
+    stale = [tmp_path / ".last.ckpt.abc123.tmp", tmp_path / ".best.ckpt.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    keep = [tmp_path / "last.ckpt", tmp_path / ".history.json.x.tmp", tmp_path / "notes.tmp"]
+    for path in keep:
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == sorted(stale)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+
+
+def test_header_length_starting_with_the_pickle_byte_loads(tmp_path):
+    """A safetensors header length whose first byte is 0x80 (one file in 256) is not taken
+    for a pickle."""
+    _populate(seed=13)
+    for pad in range(300):
+        path = save_checkpoint(tmp_path / "a.ckpt", config={"pad": "x" * pad}, rng=False)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    assert load_checkpoint(path).config == {"pad": "x" * pad}

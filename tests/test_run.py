@@ -103,3 +103,24 @@ def test_help_explains_train_flags(capsys):
         "--out",
     ):
         assert flag in out
+
+
+def test_resume_of_a_finished_run_changes_nothing(run_dir, capsys):
+    from ppl_vae.checkpoint import load_checkpoint
+    from ppl_vae.run import resume_run
+
+    before = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    rows = json.loads((run_dir / "history.json").read_text())
+    run = resume_run(run_dir, progress=False)
+    assert len(run.history) == 2 and json.loads((run_dir / "history.json").read_text()) == rows
+    after = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert after.counters == before.counters
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert "trained 2 epochs" in capsys.readouterr().out
+
+
+def test_train_needs_out_or_resume(tmp_path, capsys):
+    assert main(["train", *TINY]) == 2
+    assert "--out FOLDER" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err

@@ -271,3 +271,73 @@ def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(digits, t
     _, _, fresh = _vae(digits, seed=9, wrap=poison)
     restore(checkpoint, modules=fresh, rng=False)
     assert all(torch.isfinite(w).all() for w in _weights(fresh).values())
+
+
+def test_resume_from_every_step_boundary_is_bitwise_exact(digits, tmp_path, monkeypatch):
+    """A checkpoint at every step (checkpoint_every=1) and at each epoch's end: resuming from
+    any one of them, in a fresh param store with other initial weights, ends with the
+    uninterrupted run's parameters, optimizer state and history."""
+    import ppl_vae.train as train_module
+
+    images = digits.train.images[:160]  # 3 steps of 64 per epoch, the last one short
+    config = _config(epochs=2, seed=8, checkpoint_every=1, lr_schedule="cosine")
+    saved = []
+    real_save = train_module.save_checkpoint
+
+    def keep(path, **kwargs):
+        out = real_save(path, **kwargs)
+        copy = tmp_path / "kept" / f"{len(saved):02d}-{path.name}"
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+        saved.append(copy)
+        return out
+
+    monkeypatch.setattr(train_module, "save_checkpoint", keep)
+    model, guide, modules = _vae(digits)
+    grey = data.load("digits").train.images[:160]
+    kwargs = {"config": config, "dynamic_binarize": True, "beta_schedule": lambda s: 0.5}
+    reference = fit(
+        model, guide, grey, modules=modules, out_dir=tmp_path / "ref", validation=images, **kwargs
+    )
+    monkeypatch.undo()
+    expected = _weights(modules)
+    final = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.ckpt")
+    lasts = [p for p in saved if p.name.endswith("last.ckpt")]
+    assert [load_checkpoint(p).counters["step"] for p in lasts] == [1, 2, 3, 4, 5, 6]
+    for path in lasts[:-1]:
+        pyro.clear_param_store()
+        model, guide, modules = _vae(digits, seed=77)
+        history = fit(
+            model,
+            guide,
+            grey,
+            modules=modules,
+            out_dir=tmp_path / path.stem,
+            validation=images,
+            resume=path,
+            **kwargs,
+        )
+        for name, value in _weights(modules).items():
+            assert torch.equal(value, expected[name]), (path.name, name)
+        resumed = load_checkpoint(tmp_path / path.stem / "checkpoints" / "last.ckpt")
+        for index, state in final.optimizer["state"].items():
+            for key, value in state.items():
+                assert torch.equal(resumed.optimizer["state"][index][key], value)
+        strip = [{k: v for k, v in r.items() if "seconds" not in k} for r in history]
+        assert strip == [{k: v for k, v in r.items() if "seconds" not in k} for r in reference]
+
+
+def test_config_differences_and_checkpoint_every():
+    from ppl_vae.train import config_differences
+
+    saved = {"train": {"lr": 0.01, "seed": 1, "device": "cpu"}, "vae": {"hidden": [32]}}
+    asked = {"train": {"lr": 0.01, "seed": 2, "device": "cuda"}, "vae": {"hidden": (32, 32)}}
+    assert config_differences(saved, asked, ignore=("train.device",)) == [
+        "train.seed: saved 1, asked 2",
+        "vae.hidden: saved [32], asked [32, 32]",
+    ]
+    assert config_differences(saved, {"train": {"lr": 1e-2}}, partial=True) == []
+    assert config_differences({"a": 1}, {"a": True}) == ["a: saved 1, asked true"]
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        _config(checkpoint_every=0)
+    assert _config(checkpoint_every=5).checkpoint_every == 5
