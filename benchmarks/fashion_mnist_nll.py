@@ -47,6 +47,8 @@ def hardware() -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     vae_config = VAEConfig(
         dataset="fashion-mnist",
         likelihood="bernoulli",
@@ -116,6 +118,7 @@ if __name__ == "__main__":
     parser.add_argument("--test-images", type=int, default=None, help="first N test images")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", default="runs/nll-bench", help="run folder")
     main(parser.parse_args())
