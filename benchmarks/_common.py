@@ -201,8 +201,8 @@ def time_gemm(
     gemm: Gemm, device: torch.device, min_seconds: float = 0.05, blocks: int = 5
 ) -> tuple[float, float]:
     """Seconds per call of ``torch.mm`` on the shapes of ``gemm``, by the wall clock and by
-    this process's CPU time: medians over ``blocks`` blocks, each repeating the product for
-    at least ``min_seconds``."""
+    this process's CPU time: the best of ``blocks`` blocks, each repeating the product for at
+    least ``min_seconds`` (a bound: the best block is the one least disturbed by other work)."""
     a = torch.randn(gemm.k, gemm.m, device=device).t() if gemm.transpose_a else None
     if a is None:
         a = torch.randn(gemm.m, gemm.k, device=device)
@@ -227,7 +227,7 @@ def time_gemm(
         synchronize(device)
         wall.append((time.perf_counter() - t0) / reps)
         cpu.append((time.process_time() - c0) / reps)
-    return statistics.median(wall), statistics.median(cpu)
+    return min(wall), min(cpu)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,10 +14,8 @@ from ``checkpoints/last.ckpt``, to the same final parameters as a run never stop
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,14 @@ from ppl_vae.evaluate import Evaluation, evaluate
 from ppl_vae.experiment import VAE, VAEConfig, build_vae, resolve_binarize
 from ppl_vae.models import vae as vae_model
 from ppl_vae.plots import image_grid, reconstructions_figure, save
-from ppl_vae.train import History, TrainConfig, config_differences, fit, resolve_device
+from ppl_vae.train import (
+    History,
+    TrainConfig,
+    config_differences,
+    fit,
+    resolve_device,
+    write_text_atomically,
+)
 
 __all__ = [
     "TrainedRun",
@@ -61,30 +66,8 @@ class TrainedRun:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then ``os.replace``).
-
-    :raises WriteError: when it cannot be written (the previous file is then unchanged).
-    """
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp = handle.name
-            json.dump(value, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise WriteError(
-            f"cannot write {path}: {exc.strerror or exc} ({type(exc).__name__}); check that "
-            f"{path.parent} is a writable folder with free space"
-        ) from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    """Write JSON atomically (:raises WriteError: when it cannot be written)."""
+    write_text_atomically(path, json.dumps(value, indent=2))
 
 
 def train_run(

@@ -114,6 +114,7 @@ __all__ = [
     "fit",
     "make_elbo",
     "resolve_device",
+    "write_text_atomically",
 ]
 
 ELBOS = ("meanfield", "trace", "jit-meanfield", "jit-trace")
@@ -348,7 +349,7 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` atomically: a reader sees the old file or the new one.
 
     :raises WriteError: when it cannot be written (the old file is then unchanged).
@@ -384,13 +385,13 @@ def _json_number(value: Any) -> Any:
 
 def _write_history(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     clean = [{k: _json_number(row[k]) for k in HISTORY_COLUMNS} for row in rows]
-    _write_text(out_dir / "history.json", json.dumps(clean, indent=1) + "\n")
+    write_text_atomically(out_dir / "history.json", json.dumps(clean, indent=1) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in clean:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    _write_text(out_dir / "history.csv", buffer.getvalue())
+    write_text_atomically(out_dir / "history.csv", buffer.getvalue())
 
 
 def _check_images(images: Tensor, name: str) -> None:
