@@ -19,7 +19,7 @@ import torch
 
 from ppl_vae.errors import EXIT_INPUT, PplVaeError, TrainingInterrupted
 
-__all__ = ["load_callable", "load_data", "main"]
+__all__ = ["hidden_sizes", "load_callable", "load_data", "main"]
 
 
 def load_callable(spec: str) -> Callable:
@@ -117,7 +117,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def hidden_sizes(text: str) -> tuple[int, ...]:
+    """argparse type for layer sizes: "400" or "300,300" -> (300, 300)."""
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -436,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--z-dim", type=int, default=None, help="latent size (default: 20)")
     train.add_argument(
         "--hidden",
-        type=_int_list,
+        type=hidden_sizes,
         default=None,
         help="hidden layer sizes, e.g. 400 or 300,300 (default: 400)",
     )

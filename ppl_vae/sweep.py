@@ -294,18 +294,6 @@ def format_table(rows: Sequence[SweepRow]) -> str:
     return "\n".join(lines)
 
 
-def _hidden(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected integers like 400 or 300,300, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
-    return values
-
-
 def _betas(text: str) -> tuple[float, ...]:
     try:
         return parse_betas(text)
@@ -364,6 +352,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     """Add the ``sweep`` subcommand to ``subparsers`` (from ``add_subparsers``); its handler
     is ``args.handler(args) -> int``."""
+    from ppl_vae.cli import hidden_sizes  # the train command's parser of layer sizes
+
     sweep = subparsers.add_parser(
         "sweep",
         help="train one VAE per beta and draw the rate-distortion plane",
@@ -399,7 +389,7 @@ def add_parser(subparsers: Any) -> None:
     sweep.add_argument("--z-dim", type=int, default=20, help="latent size (default: %(default)s)")
     sweep.add_argument(
         "--hidden",
-        type=_hidden,
+        type=hidden_sizes,
         default=(400,),
         help="hidden layer sizes, e.g. 400 or 300,300 (default: 400)",
     )
