@@ -180,6 +180,52 @@ def test_non_finite_data(likelihood, bad):
         model(x)
 
 
+_EDGE_VALUES = [
+    0.0,
+    -0.0,
+    1.0,
+    0.5,
+    1e-45,
+    1e-38,
+    1 - 2**-24,
+    1 + 2**-23,
+    -1e-45,
+    2.0,
+    -1.0,
+    1e30,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_value_checks_agree_with_elementwise_definitions(dtype):
+    """The one-pass checks (min/max, and sum of x (1 - x) for 0/1) accept exactly the tensors
+    that the elementwise definitions accept, for every single edge value planted in 0/1 data."""
+    rule = {
+        "bernoulli": lambda x: bool(((x == 0) | (x == 1)).all()),
+        "continuous-bernoulli": lambda x: bool(((x >= 0) & (x <= 1)).all()),
+        "gaussian": lambda x: bool(torch.isfinite(x).all()),
+        None: lambda x: bool(torch.isfinite(x).all()),
+    }
+    base = torch.bernoulli(
+        torch.full((5, 7), 0.5, dtype=torch.float64), generator=torch.Generator().manual_seed(0)
+    )
+    for value in _EDGE_VALUES:
+        x = base.clone()
+        x[3, 4] = value
+        x = x.to(dtype)
+        for likelihood, accepts in rule.items():
+            try:
+                vae.check_data(x, likelihood=likelihood)
+                accepted = True
+            except DataError:
+                accepted = False
+            assert accepted == accepts(x), (value, likelihood, dtype)
+    vae.check_data(base[:0].to(dtype), likelihood="bernoulli")  # no rows: nothing to reject
+
+
 def test_wrong_shape_and_dtype():
     model, guide, _, _ = _pair("bernoulli")
     with pytest.raises(DataError, match=r"\(6, 63\).*\(N, 64\)"):
