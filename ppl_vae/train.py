@@ -69,13 +69,7 @@ import pyro
 import pyro.optim
 import torch
 from pyro import poutine
-from pyro.infer import (
-    SVI,
-    JitTrace_ELBO,
-    JitTraceMeanField_ELBO,
-    Trace_ELBO,
-    TraceMeanField_ELBO,
-)
+from pyro.infer import ELBO, SVI
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -89,6 +83,7 @@ from ppl_vae.checkpoint import (
     save_checkpoint,
 )
 from ppl_vae.data import batches, binarize
+from ppl_vae.elbos import ELBOS, elbo_by_name
 from ppl_vae.errors import (
     CheckpointError,
     ConfigMismatchError,
@@ -116,10 +111,6 @@ __all__ = [
     "resolve_device",
     "write_text_atomically",
 ]
-
-ELBOS = ("meanfield", "trace", "jit-meanfield", "jit-trace")
-"""Values of ``TrainConfig.elbo``: TraceMeanField_ELBO (analytic KL), Trace_ELBO, and their
-Jit variants."""
 
 ENGINES = ("fast", "svi")
 """Values of ``TrainConfig.engine``."""
@@ -298,22 +289,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def make_elbo(config: TrainConfig):
-    """The Pyro ELBO object named by ``config.elbo``."""
-    kwargs: dict[str, Any] = {
-        "num_particles": config.num_particles,
-        "vectorize_particles": config.num_particles > 1,
-        "max_plate_nesting": config.max_plate_nesting,
-    }
-    if config.elbo == "meanfield":
-        return TraceMeanField_ELBO(**kwargs)
-    if config.elbo == "trace":
-        return Trace_ELBO(**kwargs)
-    # Tracing warns about Python values baked into the graph (plate sizes, shapes), which is
-    # what a fixed batch size makes safe.
-    if config.elbo == "jit-meanfield":
-        return JitTraceMeanField_ELBO(ignore_jit_warnings=True, **kwargs)
-    return JitTrace_ELBO(ignore_jit_warnings=True, **kwargs)
+def make_elbo(config: TrainConfig) -> ELBO:
+    """A fresh Pyro ELBO object named by ``config.elbo`` (:func:`ppl_vae.elbos.elbo_by_name`)."""
+    return elbo_by_name(
+        config.elbo,
+        num_particles=config.num_particles,
+        max_plate_nesting=config.max_plate_nesting,
+    )
 
 
 def _sub_seed(seed: int, *stream: int) -> int:
@@ -417,14 +399,19 @@ def _register_params(model: Callable, guide: Callable, x: Tensor, kwargs: dict) 
 
 
 class _FastEngine:
-    """``elbo.differentiable_loss`` and one fused Adam over the whole param store."""
+    """``elbo.differentiable_loss`` and one fused Adam over the whole param store.
+
+    A Jit ELBO gets one ELBO object per batch shape: each compiles once, for its shape, so the
+    last, smaller batch of an epoch is trained on like the others instead of being replayed
+    through a trace made for another size."""
 
     can_resume = True
 
-    def __init__(
-        self, model, guide, elbo, config: TrainConfig, x0: Tensor, kwargs, device, binary: bool
-    ):
-        self.model, self.guide, self.elbo = model, guide, elbo
+    def __init__(self, model, guide, config: TrainConfig, x0: Tensor, kwargs, device, binary: bool):
+        self.model, self.guide, self.config = model, guide, config
+        self.jit = config.elbo.startswith("jit")
+        self.elbo = make_elbo(config)
+        self.elbos: dict[torch.Size, ELBO] = {}
         # Registering the params draws from the guide: do it off the main stream, so both
         # engines draw the same numbers from the same seed.
         with _forked_rng(device):
@@ -448,7 +435,12 @@ class _FastEngine:
 
     def backward(self, x: Tensor, kwargs: dict) -> Tensor:
         """The step's loss, its gradients in ``.grad``; :meth:`update` applies them."""
-        loss = self.elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
+        elbo = self.elbo
+        if self.jit:
+            elbo = self.elbos.get(x.shape)
+            if elbo is None:
+                elbo = self.elbos[x.shape] = make_elbo(self.config)
+        loss = elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
         loss.backward()
         return loss.detach()
 
@@ -796,11 +788,11 @@ def fit(
 
     Each step calls ``model(x, beta=beta, **step_kwargs)`` and the guide alike, ``x`` a batch
     of rows of ``train_images`` in a random order drawn anew each epoch from ``config.seed``
-    and the epoch (the last batch is smaller, except with a Jit ELBO, which needs one batch
-    shape and so drops the remainder). Validate the data once beforehand and pass
-    ``check_data=False`` in ``step_kwargs`` to skip the per-step checks of
-    :mod:`ppl_vae.models.vae`. Pyro's argument checks (when enabled) run on the first step
-    only: later a NaN argument shows as a NaN loss, which stops the run with
+    and the epoch (the last batch is smaller; a Jit ELBO compiles once for each of the two
+    shapes, and with ``engine="svi"``, which keeps one, drops that remainder). Validate the
+    data once beforehand and pass ``check_data=False`` in ``step_kwargs`` to skip the per-step
+    checks of :mod:`ppl_vae.models.vae`. Pyro's argument checks (when enabled) run on the
+    first step only: later a NaN argument shows as a NaN loss, which stops the run with
     :class:`TrainingDivergedError`.
 
     The param store is not cleared: clear it (and seed) for a fresh run. Networks passed in
@@ -933,16 +925,15 @@ class _Loop:
             m.to(device)
         self.n = int(self.x_train.shape[0])
         self.bs = config.batch_size
-        drop_last = jit and self.n >= self.bs
+        # Pyro's SVI keeps one Jit ELBO object, traced for one batch shape.
+        drop_last = jit and config.engine == "svi" and self.n >= self.bs
         self.steps_per_epoch = self.n // self.bs if drop_last else math.ceil(self.n / self.bs)
         self.images_per_epoch = self.steps_per_epoch * self.bs if drop_last else self.n
 
-        elbo = make_elbo(config)
         if config.engine == "fast":
             self.engine: _FastEngine | _SviEngine = _FastEngine(
                 model,
                 guide,
-                elbo,
                 config,
                 self.x_train[: self.bs],
                 {**kwargs, "beta": float(config.beta)},  # any beta: no gradient is taken
@@ -950,7 +941,7 @@ class _Loop:
                 dynamic_binarize,
             )
         else:
-            self.engine = _SviEngine(model, guide, elbo, config)
+            self.engine = _SviEngine(model, guide, make_elbo(config), config)
         self.validator = None
         if self.x_val is not None:
             self.validator = _Validator(
