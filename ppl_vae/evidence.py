@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ppl_vae.errors import NotEnumerableError
-from ppl_vae.fastmath import bernoulli_log_prob
+from ppl_vae.fastmath import bernoulli_log_prob, linear_bernoulli_log_prob
 from ppl_vae.pair import inspect_pair, sum_except, vectorized_traces
 
 __all__ = ["IWAEEstimate", "exact_log_evidence", "iwae_log_evidence", "vae_iwae", "vae_log_weights"]
@@ -125,6 +125,18 @@ def iwae_log_evidence(
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def _linear_head(decoder: nn.Module) -> bool:
+    """Whether ``decoder(z)`` is ``decoder.head(decoder.body(z))`` with a linear head: the MLP
+    decoder of :mod:`ppl_vae.networks`, its forward not overridden."""
+    from ppl_vae.networks import Decoder
+
+    return (
+        isinstance(decoder, Decoder)
+        and type(decoder).forward is Decoder.forward
+        and type(decoder.head) is nn.Linear
+    )
+
+
 def vae_log_weights(
     encoder: nn.Module,
     decoder: nn.Module,
@@ -145,7 +157,10 @@ def vae_log_weights(
 
     mu, log_var = encoder(x) if moments is None else moments  # (B, z_dim) each
     z = torch.addcmul(mu, (0.5 * log_var).exp(), eps)  # (K, B, z_dim)
-    if likelihood == "bernoulli":
+    if likelihood == "bernoulli" and not torch.is_grad_enabled() and _linear_head(decoder):
+        head = decoder.head
+        log_px = linear_bernoulli_log_prob(decoder.body(z), head.weight, head.bias, x)  # (K, B)
+    elif likelihood == "bernoulli":
         log_px = bernoulli_log_prob(decoder(z), x).sum(-1)  # (K, B)
     else:
         log_px = observation(decoder, z, likelihood, sigma).log_prob(x)  # (K, B)

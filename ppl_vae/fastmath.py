@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions.utils import broadcast_all
 
-__all__ = ["BernoulliLogits", "bernoulli_log_prob", "softplus"]
+__all__ = ["BernoulliLogits", "bernoulli_log_prob", "linear_bernoulli_log_prob", "softplus"]
 
 
 class _Softplus(torch.autograd.Function):
@@ -48,3 +49,26 @@ class BernoulliLogits(dist.Bernoulli):
             self._validate_sample(value)
         logits, value = broadcast_all(self.logits, value)
         return bernoulli_log_prob(logits, value)
+
+
+def linear_bernoulli_log_prob(
+    hidden: Tensor, weight: Tensor, bias: Tensor, value: Tensor
+) -> Tensor:
+    """sum_d log Bernoulli(value_d; sigmoid(l_d)) for logits l = hidden @ weight.T + bias, without
+    gradients: the summed log-likelihood of a decoder whose last layer is linear.
+
+    With softplus(l) = (l + |l|) / 2 + log(1 + exp(-|l|)), the sum is
+    h . (x W - colsum(W) / 2) + x . b - sum(b) / 2 - sum |l| / 2 - sum log(1 + exp(-|l|)):
+    the x-dependent part is one small product per row of ``value``, and what is left per logit
+    is |l|, exp and log, in place on one block.
+
+    :param hidden: (..., B, H) last hidden layer; :param weight: (D, H); :param bias: (D,);
+    :param value: (B, D) 0/1 data. :returns: (..., B).
+    """
+    with torch.no_grad():
+        v = value @ weight - 0.5 * weight.sum(0)  # (B, H)
+        c = value @ bias - 0.5 * bias.sum()  # (B,)
+        linear = (hidden * v).sum(-1) + c  # (..., B)
+        a = F.linear(hidden, weight, bias).abs_()  # |l|, (..., B, D)
+        half_abs = 0.5 * a.sum(-1)
+        return linear - half_abs - a.neg_().exp_().add_(1.0).log_().sum(-1)
