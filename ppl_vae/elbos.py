@@ -19,7 +19,9 @@ with its own optimiser makes (``SVI.step`` goes through ``loss_and_grads``, whic
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 
 from pyro.infer import ELBO, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import torch_item
@@ -30,7 +32,18 @@ __all__ = ["ELBOS", "PatchedJitTraceMeanField_ELBO", "PatchedJitTrace_ELBO", "el
 
 ELBOS = ("meanfield", "trace", "jit-meanfield", "jit-trace")
 """Names accepted by :func:`elbo_by_name`: TraceMeanField_ELBO (analytic KL), Trace_ELBO, and
-their Jit variants."""
+their Jit variants. The Jit ones are the fastest on a CPU (benchmarks/README.md) but rest on
+``torch.jit.trace``, which torch 2.14 deprecates; they need a model of fixed structure and
+refuse beta schedules in ``fit``."""
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """torch 2.14 warns that ``torch.jit.trace`` is deprecated each time it compiles; the
+    choice of a Jit ELBO is the user's, made knowing (see :data:`ELBOS`), so say it once there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*", category=FutureWarning)
+        yield
 
 
 class PatchedJitTraceMeanField_ELBO(JitTraceMeanField_ELBO):
@@ -45,7 +58,8 @@ class PatchedJitTraceMeanField_ELBO(JitTraceMeanField_ELBO):
         compiled = getattr(self, "_differentiable_loss", None)
         if compiled is None:
             self._pair = (model, guide)
-            return super().differentiable_loss(model, guide, *args, **kwargs)
+            with _quiet_tracing():
+                return super().differentiable_loss(model, guide, *args, **kwargs)
         if model is not self._pair[0] or guide is not self._pair[1]:
             raise ValueError(
                 "this Jit ELBO was compiled for another model/guide pair: use one ELBO object "
@@ -53,7 +67,8 @@ class PatchedJitTraceMeanField_ELBO(JitTraceMeanField_ELBO):
             )
         kwargs["_pyro_model_id"] = id(model)  # the compiled function expects and drops them
         kwargs["_pyro_guide_id"] = id(guide)
-        return compiled(*args, **kwargs)
+        with _quiet_tracing():  # a new keyword value compiles again
+            return compiled(*args, **kwargs)
 
 
 class PatchedJitTrace_ELBO(JitTrace_ELBO):
@@ -64,7 +79,8 @@ class PatchedJitTrace_ELBO(JitTrace_ELBO):
     """
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> Tensor:
-        loss, surrogate_loss = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
+        with _quiet_tracing():
+            loss, surrogate_loss = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
         warn_if_nan(torch_item(loss), "loss")
         return loss.detach() + (surrogate_loss - surrogate_loss.detach())
 

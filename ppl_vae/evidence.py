@@ -177,14 +177,16 @@ def vae_iwae(
     likelihood: str = "bernoulli",
     sigma: float | None = None,
     num_samples: int = 5000,
-    chunk_size: int = 500,
+    chunk_size: int = 100,
     batch_size: int = 20,
     progress: bool = False,
 ) -> Tensor:
     """The K-sample IWAE bound of the Gaussian VAE, per image ((N,) tensor, nats).
 
-    Memory is one (chunk_size, batch_size, D) block at a time whatever K and N are; draws
-    come from torch's global generator (seed it for reproducible values).
+    Memory is one (chunk_size, batch_size, D) block at a time whatever K and N are: the
+    default 2,000 decoder rows (6 MB at D = 784) keep the matrix products efficient on a CPU
+    and reuse the same memory pass after pass; a GPU wants larger blocks. Draws come from
+    torch's global generator (seed it for reproducible values).
     """
     if num_samples < 1 or chunk_size < 1 or batch_size < 1:
         raise ValueError(

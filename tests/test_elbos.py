@@ -78,3 +78,18 @@ def test_names():
     }
     with pytest.raises(ValueError, match="unknown elbo"):
         elbo_by_name("tracemeanfield")
+
+
+@pytest.mark.parametrize("name", ["jit-meanfield", "jit-trace"])
+def test_compiling_does_not_warn(name):
+    """torch's deprecation notice for torch.jit.trace is the library's concern, not the user's."""
+    import warnings
+
+    model, guide, _ = _pair()
+    x = torch.bernoulli(torch.full((4, 64), 0.5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        elbo_by_name(name, max_plate_nesting=1).differentiable_loss(
+            model, guide, x, check_data=False
+        )
+    assert not [w for w in caught if "jit" in str(w.message)], [str(w.message) for w in caught]
