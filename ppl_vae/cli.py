@@ -17,6 +17,7 @@ import numpy as np
 import pyro
 import torch
 
+from ppl_vae.elbos import ELBOS
 from ppl_vae.errors import EXIT_INPUT, PplVaeError, TrainingInterrupted
 
 __all__ = ["hidden_sizes", "load_callable", "load_data", "main"]
@@ -468,10 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--elbo",
-        choices=("meanfield", "trace", "jit-meanfield", "jit-trace"),
+        choices=ELBOS,
         default=None,
-        help="Pyro ELBO: meanfield = TraceMeanField_ELBO "
-        "(closed-form KL), trace = Trace_ELBO (default: meanfield)",
+        help="Pyro ELBO: meanfield = TraceMeanField_ELBO (closed-form KL), trace = Trace_ELBO; "
+        "jit-* compile model and guide once (about 10%% faster per epoch on a CPU; fixed model "
+        "structure, --beta a number, not a schedule) (default: meanfield)",
     )
     train.add_argument(
         "--particles",
