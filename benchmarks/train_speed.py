@@ -26,7 +26,10 @@ network is the 784-400-20 MLP with ReLU at batch 128 unless a row says otherwise
    ``elbo="jit-meanfield"`` with the data checked once, as ``ppl-vae train --elbo jit-meanfield``
    does (two traces per call: batch 128 and the last, smaller batch);
 9. ``compile``: the hand-written loss under ``torch.compile`` (skipped when compiling takes
-   more than 60 s).
+   more than 60 s);
+10. ``torch-bf16`` and ``fit-bf16``: mixed precision, the hand-written loop's forward under
+   ``torch.autocast(dtype=bfloat16)`` and ``fit`` with ``precision="bfloat16"`` (data checked
+   once): matrix products with bfloat16 operands, everything else float32.
 
 Rows run interleaved, one epoch each in turn (the order rotating every round), so that load
 from other processes falls on every row alike; the first round is a warm-up and is not counted.
@@ -239,9 +242,12 @@ class MemoryRow(Row):
 class TorchBaseline(MemoryRow):
     """The hand-written loop; ``fused`` selects torch's fused Adam kernel (an extra row)."""
 
-    def __init__(self, fused: bool = False) -> None:
-        self.fused = fused
-        if fused:
+    def __init__(self, fused: bool = False, autocast: bool = False) -> None:
+        self.fused, self.autocast = fused, autocast
+        if autocast:
+            self.key, self.label = "torch-bf16", "hand-written PyTorch, bfloat16 autocast"
+            self.note = "the baseline's forward under torch.autocast(bfloat16)"
+        elif fused:
             self.key, self.label = "torch-fused", "hand-written PyTorch, Adam(fused=True)"
             self.note = "the baseline with one fused Adam kernel"
         else:
@@ -259,7 +265,8 @@ class TorchBaseline(MemoryRow):
         def run() -> None:
             total = torch.zeros((), device=self.device)
             for x in self.batches():
-                loss = self.loss_fn(x)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = self.loss_fn(x)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -549,8 +556,10 @@ class FitRow(PyroRow, MemoryRow):
         elbo: str | None = None,
         step_kwargs: dict | None = None,
         pyro_validation: bool = True,
+        precision: str | None = None,
     ) -> None:
         self.key, self.label, self.note = key, label, note
+        self.precision = precision
         self.validation, self.elbo = validation, elbo
         self.step_kwargs, self.pyro_validation = step_kwargs, pyro_validation
 
@@ -566,6 +575,8 @@ class FitRow(PyroRow, MemoryRow):
         from ppl_vae.train import TrainConfig, fit
 
         extra = {} if self.elbo is None else {"elbo": self.elbo}
+        if self.precision is not None:
+            extra["precision"] = self.precision
         config = TrainConfig(
             epochs=1, batch_size=BATCH, lr=LR, seed=seed, device=str(self.device), progress=False
         )
@@ -633,6 +644,15 @@ def all_rows() -> list[Row]:
             step_kwargs={"check_data": False},
         ),
         CompiledBaseline(),
+        TorchBaseline(autocast=True),
+        FitRow(
+            "fit-bf16",
+            "ppl_vae.train.fit, precision=bfloat16",
+            "mixed precision (torch.autocast); data checked once, as `ppl-vae train "
+            "--precision bfloat16` runs it",
+            precision="bfloat16",
+            step_kwargs={"check_data": False},
+        ),
     ]
 
 
@@ -774,6 +794,8 @@ def _row_numbers(rows: list[Row]) -> list[str]:
         "fit-val": "8b",
         "fit-jit": "8c",
         "compile": "9",
+        "torch-bf16": "10",
+        "fit-bf16": "10b",
     }
     extras = {key: f"x{i}" for i, key in enumerate(EXTRA_KEYS, 1)}
     return [numbers.get(row.key, extras.get(row.key, "4b")) for row in rows]

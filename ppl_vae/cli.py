@@ -148,6 +148,7 @@ _TRAIN_SETTINGS: dict[str, tuple[tuple[str, ...], object]] = {
     "epochs": (("train", "epochs"), 10),
     "elbo": (("train", "elbo"), "meanfield"),
     "particles": (("train", "num_particles"), 1),
+    "precision": (("train", "precision"), "float32"),
     "seed": (("train", "seed"), 0),
     "beta": (("beta",), "1"),
     "train_subset": (("data", "train_subset"), None),
@@ -264,6 +265,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             threads=args.threads,
             checkpoint_every=args.checkpoint_every,
+            precision=args.precision,
         )
         run = train_run(
             args.out,
@@ -466,6 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="KL weight: a number, warmup:STEPS[:END] (linear KL warm-up) or "
         "cyclical:PERIOD[:RATIO[:END]] (default: 1); evaluation always reports beta = 1",
+    )
+    train.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="dtype of the networks' matrix products in training steps: bfloat16 = mixed "
+        "precision by torch.autocast (about 1.2x faster per epoch on CPUs with AVX-512 BF16; "
+        "the ELBO's sums, the parameters and evaluation stay float32; not with jit-*) "
+        "(default: float32)",
     )
     train.add_argument(
         "--elbo",

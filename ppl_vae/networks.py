@@ -8,7 +8,9 @@ Data are flat, ``(..., x_dim)``; the conv networks reshape to ``(C, H, W)`` inte
 accept ``(..., C, H, W)`` input. Every network exposes ``x_dim``, ``z_dim`` and ``image_shape``
 (``None`` when unknown); decoders also expose ``log_sigma`` (``None`` unless learned).
 Leading batch dimensions are kept, so a decoder can take ``z`` of shape
-``(num_particles, batch, z_dim)``.
+``(num_particles, batch, z_dim)``. Outputs have the input's dtype: under ``torch.autocast``
+(``TrainConfig(precision="bfloat16")``) the layers compute in bfloat16 and the likelihood and
+KL still see float32.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)  # (..., hidden[-1])
-        mu, log_var = self.head(h).chunk(2, dim=-1)  # (..., z_dim) each
+        # Back to the input's dtype: under torch.autocast the products ran in bfloat16.
+        mu, log_var = self.head(h).to(x.dtype).chunk(2, dim=-1)  # (..., z_dim) each
         return mu, log_var
 
 
@@ -138,7 +141,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.body(z)  # (..., hidden[-1])
-        return self.head(h)  # (..., x_dim)
+        return self.head(h).to(z.dtype)  # (..., x_dim); float32 again under autocast
 
 
 def _conv_sizes(image_shape: tuple[int, int, int], n_layers: int) -> list[tuple[int, int]]:
@@ -193,7 +196,7 @@ class ConvEncoder(nn.Module):
         img = x.reshape(-1, *self.image_shape)  # (B, C, H, W), B = prod(batch)
         h = self.convs(img).flatten(start_dim=1)  # (B, channels[-1] * h * w)
         h = self.body(h)  # (B, hidden[-1])
-        mu, log_var = self.head(h).chunk(2, dim=-1)  # (B, z_dim) each
+        mu, log_var = self.head(h).to(x.dtype).chunk(2, dim=-1)  # (B, z_dim) each
         return mu.reshape(*batch, self.z_dim), log_var.reshape(*batch, self.z_dim)
 
 
@@ -249,7 +252,7 @@ class ConvDecoder(nn.Module):
         h = self.body(z.reshape(-1, self.z_dim))  # (B, hidden[-1]), B = prod(batch)
         h = self.fc(h).reshape(-1, *self._start)  # (B, channels[-1], h, w)
         out = self.deconvs(h)  # (B, C, H, W)
-        return out.reshape(*batch, self.x_dim)  # (..., C*H*W)
+        return out.reshape(*batch, self.x_dim).to(z.dtype)  # (..., C*H*W)
 
 
 def make_networks(

@@ -100,6 +100,7 @@ __all__ = [
     "ENGINES",
     "HISTORY_COLUMNS",
     "LR_SCHEDULES",
+    "PRECISIONS",
     "RUNTIME_SETTINGS",
     "History",
     "TrainConfig",
@@ -117,6 +118,11 @@ ENGINES = ("fast", "svi")
 
 LR_SCHEDULES = (None, "cosine", "exponential")
 """Values of ``TrainConfig.lr_schedule``."""
+
+PRECISIONS = ("float32", "bfloat16")
+"""Values of ``TrainConfig.precision``: the dtype of the networks' matrix products in training
+steps (``torch.autocast``); parameters, optimizer state, the ELBO's sums and validation stay
+float32."""
 
 HISTORY_COLUMNS = (
     "epoch",
@@ -174,6 +180,10 @@ class TrainConfig:
     :param checkpoint_every: with an ``out_dir``, also write ``last.ckpt`` every this many
         steps (within epochs), so a killed run loses at most that many steps; ``None``:
         at the end of every epoch only.
+    :param precision: ``"bfloat16"`` runs the training steps' forward pass under
+        ``torch.autocast`` (mixed precision: matrix products in bfloat16, with float32
+        accumulation on CPUs with AVX-512 BF16 and on GPUs); networks must return float32
+        (those of :mod:`ppl_vae.networks` do). Fast engine, non-Jit ELBOs only.
     """
 
     epochs: int = 10
@@ -193,6 +203,7 @@ class TrainConfig:
     threads: int | None = None
     eval_batch_size: int | None = None
     checkpoint_every: int | None = None
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -222,6 +233,13 @@ class TrainConfig:
             raise ValueError(f"unknown elbo {self.elbo!r}; choose one of {ELBOS}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {ENGINES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.precision != "float32" and (self.engine != "fast" or self.elbo.startswith("jit")):
+            raise ValueError(
+                f"precision={self.precision!r} needs engine='fast' and a non-Jit elbo, got "
+                f"engine={self.engine!r}, elbo={self.elbo!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"TrainConfig.seed must be an integer >= 0, got {self.seed!r}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -410,6 +428,8 @@ class _FastEngine:
     def __init__(self, model, guide, config: TrainConfig, x0: Tensor, kwargs, device, binary: bool):
         self.model, self.guide, self.config = model, guide, config
         self.jit = config.elbo.startswith("jit")
+        self.autocast = config.precision != "float32"
+        self.device_type = torch.device(device).type
         self.elbo = make_elbo(config)
         self.elbos: dict[torch.Size, ELBO] = {}
         # Registering the params draws from the guide: do it off the main stream, so both
@@ -440,7 +460,11 @@ class _FastEngine:
             elbo = self.elbos.get(x.shape)
             if elbo is None:
                 elbo = self.elbos[x.shape] = make_elbo(self.config)
-        loss = elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
+        if self.autocast:  # the forward pass only; backward runs each op in its forward dtype
+            with torch.autocast(self.device_type, dtype=torch.bfloat16):
+                loss = elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
+        else:
+            loss = elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
         loss.backward()
         return loss.detach()
 
@@ -986,7 +1010,12 @@ class _Loop:
                 "Train with engine='fast' (the default) to be able to resume."
             )
         runtime = tuple(f"train.{key}" for key in RUNTIME_SETTINGS)
-        differences = config_differences(checkpoint.config, self.ckpt_config, ignore=runtime)
+        saved = dict(checkpoint.config)
+        try:  # settings added since the checkpoint was written take their defaults
+            saved["train"] = TrainConfig.from_dict(saved.get("train", {})).to_dict()
+        except (TypeError, ValueError):
+            pass  # compared as saved: the differences name what is wrong
+        differences = config_differences(saved, self.ckpt_config, ignore=runtime)
         if differences:
             raise ConfigMismatchError(
                 f"cannot resume from {where} with another configuration: "
