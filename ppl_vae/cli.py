@@ -20,7 +20,15 @@ import torch
 from ppl_vae.elbos import ELBOS
 from ppl_vae.errors import EXIT_INPUT, PplVaeError, TrainingInterrupted
 
-__all__ = ["hidden_sizes", "load_callable", "load_data", "main"]
+__all__ = [
+    "THREADS_HELP",
+    "hidden_sizes",
+    "load_callable",
+    "load_data",
+    "main",
+    "set_threads",
+    "thread_count",
+]
 
 
 def load_callable(spec: str) -> Callable:
@@ -89,8 +97,31 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads for the rest of the command (``None``: torch's default). On a
+    machine shared with other work, fewer threads than cores avoid waiting for a busy core."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def thread_count(text: str) -> int:
+    """argparse type of ``--threads``: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of threads, got {text!r}")
+    return value
+
+
+THREADS_HELP = "CPU threads for torch (default: torch's, one per core)"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ppl_vae.demo import binary_toy_demo
+
+    set_threads(args.threads)
 
     out = Path(args.out)
     print("1. The worked example: binary x and z, p(z=1) = 0.5, p(x=1|z) = (0.2, 0.8), x = 1\n")
@@ -358,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-images", type=int, default=1000, help="test images evaluated (default: %(default)s)"
     )
     demo.add_argument("--skip-vae", action="store_true", help="only the binary example")
+    demo.add_argument("--threads", type=thread_count, default=None, help=THREADS_HELP)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
 
@@ -506,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--threads",
-        type=int,
+        type=thread_count,
         default=None,
         help="CPU threads for torch (default: torch's); resume with the same number for "
         "bitwise-equal results",

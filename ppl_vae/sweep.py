@@ -302,9 +302,11 @@ def _betas(text: str) -> tuple[float, ...]:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ppl_vae.cli import set_threads
     from ppl_vae.experiment import VAEConfig
     from ppl_vae.train import TrainConfig
 
+    set_threads(args.threads)
     vae_config = VAEConfig(
         dataset=args.dataset,
         likelihood=args.likelihood,
@@ -352,7 +354,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     """Add the ``sweep`` subcommand to ``subparsers`` (from ``add_subparsers``); its handler
     is ``args.handler(args) -> int``."""
-    from ppl_vae.cli import hidden_sizes  # the train command's parser of layer sizes
+    # The train command's parsers of layer sizes and thread counts.
+    from ppl_vae.cli import THREADS_HELP, hidden_sizes, thread_count
 
     sweep = subparsers.add_parser(
         "sweep",
@@ -434,4 +437,5 @@ def add_parser(subparsers: Any) -> None:
     )
     sweep.add_argument("--out", required=True, help="sweep folder to write, e.g. runs/sweep")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--threads", type=thread_count, default=None, help=THREADS_HELP)
     sweep.set_defaults(handler=_cmd_sweep)

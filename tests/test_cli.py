@@ -132,3 +132,23 @@ def test_data_formats(tmp_path):
     torch.save(torch.tensor([1.0, 1.0]), tmp_path / "x.pt")
     assert load_data(str(tmp_path / "x.pt")).tolist() == [1.0, 1.0]
     assert callable(load_callable("ppl_vae.models.binary_toy:model"))
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "sweep"])
+def test_threads_must_be_positive(command, capsys):
+    argv = [command, "--threads", "0"] + (["--out", "unused"] if command == "sweep" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "positive number of threads" in capsys.readouterr().err
+
+
+def test_demo_sets_the_thread_count(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["demo", "--skip-vae", "--threads", "1", "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
