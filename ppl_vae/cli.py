@@ -180,6 +180,7 @@ _TRAIN_SETTINGS: dict[str, tuple[tuple[str, ...], object]] = {
     "elbo": (("train", "elbo"), "meanfield"),
     "particles": (("train", "num_particles"), 1),
     "precision": (("train", "precision"), "float32"),
+    "free_bits": (("train", "free_bits"), 0.0),
     "seed": (("train", "seed"), 0),
     "beta": (("beta",), "1"),
     "train_subset": (("data", "train_subset"), None),
@@ -297,6 +298,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             threads=args.threads,
             checkpoint_every=args.checkpoint_every,
             precision=args.precision,
+            free_bits=args.free_bits,
         )
         run = train_run(
             args.out,
@@ -500,6 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="KL weight: a number, warmup:STEPS[:END] (linear KL warm-up) or "
         "cyclical:PERIOD[:RATIO[:END]] (default: 1); evaluation always reports beta = 1",
+    )
+    train.add_argument(
+        "--free-bits",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="train on reconstruction - max(LAMBDA, KL) per image (free bits, in nats): no "
+        "pressure on the rate below LAMBDA, against posterior collapse; validation and "
+        "evaluation still report the ELBO (default: 0, off)",
     )
     train.add_argument(
         "--precision",

@@ -73,6 +73,7 @@ from pyro.infer import ELBO, SVI
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ppl_vae.beta import FreeBits
 from ppl_vae.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -184,6 +185,9 @@ class TrainConfig:
         ``torch.autocast`` (mixed precision: matrix products in bfloat16, with float32
         accumulation on CPUs with AVX-512 BF16 and on GPUs); networks must return float32
         (those of :mod:`ppl_vae.networks` do). Fast engine, non-Jit ELBOs only.
+    :param free_bits: lambda in nats per image, > 0 to train on reconstruction - sum over
+        latent sites of max(lambda, KL) (:class:`ppl_vae.beta.FreeBits`) instead of the
+        beta-ELBO's KL term; validation still reports the ELBO. 0: off. Not with Jit ELBOs.
     """
 
     epochs: int = 10
@@ -204,6 +208,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     checkpoint_every: int | None = None
     precision: str = "float32"
+    free_bits: float = 0.0
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -233,6 +238,17 @@ class TrainConfig:
             raise ValueError(f"unknown elbo {self.elbo!r}; choose one of {ELBOS}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {ENGINES}")
+        if not (
+            isinstance(self.free_bits, int | float)
+            and math.isfinite(self.free_bits)
+            and self.free_bits >= 0
+        ):
+            raise ValueError(f"TrainConfig.free_bits must be a number >= 0, got {self.free_bits!r}")
+        if self.free_bits > 0 and self.elbo.startswith("jit"):
+            raise ValueError(
+                "free_bits decides per step whether KL is below lambda (a Python branch), which "
+                f"a Jit ELBO would trace once: use elbo='meanfield' or 'trace', not {self.elbo!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
         if self.precision != "float32" and (self.engine != "fast" or self.elbo.startswith("jit")):
@@ -954,10 +970,16 @@ class _Loop:
         self.steps_per_epoch = self.n // self.bs if drop_last else math.ceil(self.n / self.bs)
         self.images_per_epoch = self.steps_per_epoch * self.bs if drop_last else self.n
 
+        # Free bits change the training objective only: the engines get the wrapped pair,
+        # validation and the divergence diagnosis the plain one (the ELBO).
+        train_model, train_guide = model, guide
+        if config.free_bits > 0:
+            free_bits = FreeBits(config.free_bits)
+            train_model, train_guide = free_bits.model(model), free_bits.guide(guide)
         if config.engine == "fast":
             self.engine: _FastEngine | _SviEngine = _FastEngine(
-                model,
-                guide,
+                train_model,
+                train_guide,
                 config,
                 self.x_train[: self.bs],
                 {**kwargs, "beta": float(config.beta)},  # any beta: no gradient is taken
@@ -965,7 +987,7 @@ class _Loop:
                 dynamic_binarize,
             )
         else:
-            self.engine = _SviEngine(model, guide, make_elbo(config), config)
+            self.engine = _SviEngine(train_model, train_guide, make_elbo(config), config)
         self.validator = None
         if self.x_val is not None:
             self.validator = _Validator(
@@ -1273,7 +1295,8 @@ class _Loop:
             self._resume(checkpoint)
         checkpoint_every = config.checkpoint_every if self.ckpt_dir is not None else None
         # The bar's running value is the ELBO when beta = 1, the beta-ELBO otherwise.
-        label = "elbo" if self.beta_schedule is None and config.beta == 1 else "objective"
+        plain = self.beta_schedule is None and config.beta == 1 and config.free_bits == 0
+        label = "elbo" if plain else "objective"
         shown_val = _postfix(self.history.rows[-1]) if self.history.rows else {}
         bar = tqdm(
             total=config.epochs * self.steps_per_epoch,

@@ -152,6 +152,38 @@ def test_fit_in_bfloat16_autocasts_training_steps_only(digits):
         _config(precision="float16")
 
 
+def test_free_bits_below_lambda_train_like_beta_zero_less_lambda(digits):
+    """With lambda above every KL, free bits remove the KL's gradient (as beta = 0 does) and
+    add -lambda per image: the same parameters, step for step, and a training objective
+    lambda lower; validation still reports the ELBO (beta = 1, no free bits)."""
+    lam = 1e4  # nats per image: far above the KL of a 4-d latent code
+    runs = {}
+    for name, overrides in (("free-bits", {"free_bits": lam}), ("beta-0", {"beta": 0.0})):
+        pyro.clear_param_store()
+        model, guide, modules = _vae(digits, seed=3)
+        history = fit(
+            model,
+            guide,
+            digits.train.images[:192],
+            validation=digits.validation.images[:64],
+            config=_config(epochs=2, seed=8, **overrides),
+            modules=modules,
+            step_kwargs=NO_CHECKS,
+        )
+        runs[name] = history, _weights(modules)
+    (fb, fb_w), (b0, b0_w) = runs["free-bits"], runs["beta-0"]
+    for key, value in b0_w.items():
+        torch.testing.assert_close(fb_w[key], value, rtol=0, atol=1e-6)
+    for row_fb, row_b0 in zip(fb, b0, strict=True):
+        # float64 sums of float32 per-step losses of ~1e4 per image: 1e-3 absolute.
+        assert row_fb["train_objective"] == pytest.approx(row_b0["train_objective"] - lam, abs=1e-3)
+        assert row_fb["val_elbo"] == pytest.approx(row_b0["val_elbo"], abs=1e-4)
+    with pytest.raises(ValueError, match="free_bits"):
+        _config(free_bits=-1.0)
+    with pytest.raises(ValueError, match="Jit ELBO"):
+        _config(free_bits=0.5, elbo="jit-meanfield")
+
+
 def test_validation_elbo_improves(digits):
     model, guide, modules = _vae(digits, z_dim=8, hidden=(64,))
     config = _config(epochs=5, lr=3e-3, seed=0)
