@@ -445,7 +445,8 @@ class _FastEngine:
         self.model, self.guide, self.config = model, guide, config
         self.jit = config.elbo.startswith("jit")
         self.autocast = config.precision != "float32"
-        self.device_type = torch.device(device).type
+        self.device = torch.device(device)
+        self.device_type = self.device.type
         self.elbo = make_elbo(config)
         self.elbos: dict[torch.Size, ELBO] = {}
         # Registering the params draws from the guide: do it off the main stream, so both
@@ -476,6 +477,11 @@ class _FastEngine:
             elbo = self.elbos.get(x.shape)
             if elbo is None:
                 elbo = self.elbos[x.shape] = make_elbo(self.config)
+                # Compiling runs model and guide twice more (Pyro's parameter capture, then
+                # torch.jit.trace): do it off the main random stream, so that a Jit run draws
+                # what the plain ELBO draws, and a resumed run what the uninterrupted one did.
+                with _forked_rng(self.device):
+                    elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
         if self.autocast:  # the forward pass only; backward runs each op in its forward dtype
             with torch.autocast(self.device_type, dtype=torch.bfloat16):
                 loss = elbo.differentiable_loss(self.model, self.guide, x, **kwargs)

@@ -283,6 +283,29 @@ def test_each_elbo_runs(digits, elbo, num_particles):
     assert all(math.isfinite(history[0][k]) for k in ("train_objective", "val_elbo", "val_kl"))
 
 
+@pytest.mark.parametrize("name", ["meanfield", "trace"])
+def test_jit_elbo_trains_like_its_plain_elbo(digits, name):
+    """fit compiles off the main random stream, so the Jit ELBO replays the plain one draw for
+    draw: 2 epochs of 4 steps (the last batch of 8 with its own trace) end at the same
+    parameters, to float tolerance (the traced graph may order float sums differently)."""
+    images = digits.train.images[:200]
+    weights, histories = {}, {}
+    for elbo in (name, f"jit-{name}"):
+        pyro.clear_param_store()
+        model, guide, modules = _vae(digits)
+        config = _config(epochs=2, elbo=elbo, seed=5)
+        histories[elbo] = fit(
+            model, guide, images, config=config, modules=modules, step_kwargs=NO_CHECKS
+        )
+        assert histories[elbo][-1]["step"] == 8
+        weights[elbo] = _weights(modules)
+    for key, value in weights[name].items():
+        torch.testing.assert_close(weights[f"jit-{name}"][key], value, rtol=1e-4, atol=1e-5)
+    assert histories[f"jit-{name}"].column("train_objective") == pytest.approx(
+        histories[name].column("train_objective"), rel=1e-5
+    )
+
+
 def test_schedule_dynamic_binarization_without_validation(digits):
     grey = data.load("digits").train.images[:128]
     model, guide, modules = _vae(digits)
@@ -423,6 +446,55 @@ def test_resume_from_every_step_boundary_is_bitwise_exact(digits, tmp_path, monk
                 assert torch.equal(resumed.optimizer["state"][index][key], value)
         strip = [{k: v for k, v in r.items() if "seconds" not in k} for r in history]
         assert strip == [{k: v for k, v in r.items() if "seconds" not in k} for r in reference]
+
+
+def test_resume_with_a_jit_elbo_is_bitwise_exact(digits, tmp_path, monkeypatch):
+    """A resumed Jit run compiles again (off the main random stream) and then draws what the
+    uninterrupted run drew: from a mid-epoch and an epoch-end checkpoint, the same weights."""
+    import ppl_vae.train as train_module
+
+    images = digits.train.images[:160]  # 3 steps of 64 per epoch, the last one short
+    config = _config(epochs=2, seed=8, checkpoint_every=1, elbo="jit-meanfield")
+    saved = []
+    real_save = train_module.save_checkpoint
+
+    def keep(path, **kwargs):
+        out = real_save(path, **kwargs)
+        copy = tmp_path / "kept" / f"{len(saved):02d}-{path.name}"
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+        saved.append(copy)
+        return out
+
+    monkeypatch.setattr(train_module, "save_checkpoint", keep)
+    model, guide, modules = _vae(digits)
+    fit(
+        model,
+        guide,
+        images,
+        config=config,
+        modules=modules,
+        out_dir=tmp_path / "ref",
+        step_kwargs=NO_CHECKS,
+    )
+    monkeypatch.undo()
+    expected = _weights(modules)
+    lasts = [p for p in saved if p.name.endswith("last.ckpt")]
+    for path in (lasts[1], lasts[2]):  # after step 2 (mid-epoch) and step 3 (epoch end)
+        pyro.clear_param_store()
+        model, guide, modules = _vae(digits, seed=77)
+        fit(
+            model,
+            guide,
+            images,
+            config=config,
+            modules=modules,
+            out_dir=tmp_path / path.stem,
+            resume=path,
+            step_kwargs=NO_CHECKS,
+        )
+        for name, value in _weights(modules).items():
+            assert torch.equal(value, expected[name]), (path.name, name)
 
 
 def test_config_differences_and_checkpoint_every():
