@@ -394,26 +394,32 @@ def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(digits, t
     assert all(torch.isfinite(w).all() for w in _weights(fresh).values())
 
 
-def test_resume_from_every_step_boundary_is_bitwise_exact(digits, tmp_path, monkeypatch):
-    """A checkpoint at every step (checkpoint_every=1) and at each epoch's end: resuming from
-    any one of them, in a fresh param store with other initial weights, ends with the
-    uninterrupted run's parameters, optimizer state and history."""
+def _keep_every_checkpoint(monkeypatch, folder) -> list:
+    """Copy each checkpoint fit writes into ``folder`` (numbered in order); the list of copies."""
     import ppl_vae.train as train_module
 
-    images = digits.train.images[:160]  # 3 steps of 64 per epoch, the last one short
-    config = _config(epochs=2, seed=8, checkpoint_every=1, lr_schedule="cosine")
     saved = []
     real_save = train_module.save_checkpoint
 
     def keep(path, **kwargs):
         out = real_save(path, **kwargs)
-        copy = tmp_path / "kept" / f"{len(saved):02d}-{path.name}"
+        copy = folder / f"{len(saved):02d}-{path.name}"
         copy.parent.mkdir(exist_ok=True)
         copy.write_bytes(path.read_bytes())
         saved.append(copy)
         return out
 
     monkeypatch.setattr(train_module, "save_checkpoint", keep)
+    return saved
+
+
+def test_resume_from_every_step_boundary_is_bitwise_exact(digits, tmp_path, monkeypatch):
+    """A checkpoint at every step (checkpoint_every=1) and at each epoch's end: resuming from
+    any one of them, in a fresh param store with other initial weights, ends with the
+    uninterrupted run's parameters, optimizer state and history."""
+    images = digits.train.images[:160]  # 3 steps of 64 per epoch, the last one short
+    config = _config(epochs=2, seed=8, checkpoint_every=1, lr_schedule="cosine")
+    saved = _keep_every_checkpoint(monkeypatch, tmp_path / "kept")
     model, guide, modules = _vae(digits)
     grey = data.load("digits").train.images[:160]
     kwargs = {"config": config, "dynamic_binarize": True, "beta_schedule": lambda s: 0.5}
@@ -451,22 +457,9 @@ def test_resume_from_every_step_boundary_is_bitwise_exact(digits, tmp_path, monk
 def test_resume_with_a_jit_elbo_is_bitwise_exact(digits, tmp_path, monkeypatch):
     """A resumed Jit run compiles again (off the main random stream) and then draws what the
     uninterrupted run drew: from a mid-epoch and an epoch-end checkpoint, the same weights."""
-    import ppl_vae.train as train_module
-
     images = digits.train.images[:160]  # 3 steps of 64 per epoch, the last one short
     config = _config(epochs=2, seed=8, checkpoint_every=1, elbo="jit-meanfield")
-    saved = []
-    real_save = train_module.save_checkpoint
-
-    def keep(path, **kwargs):
-        out = real_save(path, **kwargs)
-        copy = tmp_path / "kept" / f"{len(saved):02d}-{path.name}"
-        copy.parent.mkdir(exist_ok=True)
-        copy.write_bytes(path.read_bytes())
-        saved.append(copy)
-        return out
-
-    monkeypatch.setattr(train_module, "save_checkpoint", keep)
+    saved = _keep_every_checkpoint(monkeypatch, tmp_path / "kept")
     model, guide, modules = _vae(digits)
     fit(
         model,
