@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyro
@@ -19,6 +20,9 @@ import torch
 
 from ppl_vae.elbos import ELBOS
 from ppl_vae.errors import EXIT_INPUT, PplVaeError, TrainingInterrupted
+
+if TYPE_CHECKING:  # imported lazily at run time: --help stays quick
+    from ppl_vae.experiment import VAEConfig
 
 __all__ = [
     "THREADS_HELP",
@@ -162,6 +166,61 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
     return values
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The data and model flags that ``train`` and ``sweep`` share: --dataset, --data-dir,
+    --likelihood, --binarize, --z-dim, --hidden. With ``defaults=False`` every value is left
+    ``None`` when not given (``train`` compares the ones given with a resumed run's)."""
+
+    def default(value: object) -> object:
+        return value if defaults else None
+
+    parser.add_argument(
+        "--dataset",
+        choices=("digits", "fashion-mnist", "mnist"),
+        default=default("fashion-mnist"),
+        help="data set (default: fashion-mnist); digits ships with scikit-learn, the others "
+        "are read from --data-dir, $PPL_VAE_DATA, the Debian package or the download cache",
+    )
+    parser.add_argument("--data-dir", help="folder holding the IDX files of the data set")
+    parser.add_argument(
+        "--likelihood",
+        choices=("bernoulli", "gaussian", "continuous-bernoulli"),
+        default=default("bernoulli"),
+        help="p(x | z) (default: bernoulli)",
+    )
+    parser.add_argument(
+        "--binarize",
+        choices=("none", "static", "dynamic"),
+        default=None,
+        help="binarisation of the grey images: none, static (once, seeded) or "
+        "dynamic (a fresh draw every epoch; the test set binarised once). "
+        "Default: dynamic for bernoulli, none otherwise",
+    )
+    parser.add_argument("--z-dim", type=int, default=default(20), help="latent size (default: 20)")
+    parser.add_argument(
+        "--hidden",
+        type=hidden_sizes,
+        default=default((400,)),
+        help="hidden layer sizes, e.g. 400 or 300,300 (default: 400)",
+    )
+
+
+def vae_config_from_args(args: argparse.Namespace) -> VAEConfig:
+    """The :class:`~ppl_vae.experiment.VAEConfig` named by :func:`add_model_arguments`' flags
+    (and ``--arch``, ``--sigma`` where the command has them)."""
+    from ppl_vae.experiment import VAEConfig
+
+    return VAEConfig(
+        dataset=args.dataset,
+        likelihood=args.likelihood,
+        binarize=args.binarize,
+        z_dim=args.z_dim,
+        hidden=args.hidden,
+        arch=getattr(args, "arch", None) or "mlp",
+        sigma=getattr(args, "sigma", None),
+    )
+
+
 # The train command's settings that define a run: argparse destination -> (place in the run's
 # config.json, default). Their parser defaults are None, so that with --resume the ones given
 # on the command line are known and compared with the run's own.
@@ -249,7 +308,6 @@ def _resume(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ppl_vae.beta import parse_schedule
-    from ppl_vae.experiment import VAEConfig
     from ppl_vae.run import train_run
     from ppl_vae.train import TrainConfig
 
@@ -275,15 +333,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 setattr(args, dest, default)
         schedule = parse_schedule(args.beta)
         constant = getattr(schedule, "beta", None)
-        vae_config = VAEConfig(
-            dataset=args.dataset,
-            likelihood=args.likelihood,
-            binarize=args.binarize,
-            z_dim=args.z_dim,
-            hidden=args.hidden,
-            arch=args.arch,
-            sigma=args.sigma,
-        )
+        vae_config = vae_config_from_args(args)
         train_config = TrainConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -442,41 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{TRAIN_EXIT_CODES}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument(
-        "--dataset",
-        choices=("digits", "fashion-mnist", "mnist"),
-        default=None,
-        help="data set (default: fashion-mnist); digits "
-        "ships with scikit-learn, the others are read from --data-dir, "
-        "$PPL_VAE_DATA, the Debian package or the download cache",
-    )
-    train.add_argument("--data-dir", help="folder holding the IDX files of the data set")
-    train.add_argument(
-        "--likelihood",
-        choices=("bernoulli", "gaussian", "continuous-bernoulli"),
-        default=None,
-        help="p(x | z) (default: bernoulli)",
-    )
-    train.add_argument(
-        "--binarize",
-        choices=("none", "static", "dynamic"),
-        default=None,
-        help="binarisation of the grey images: none, static (once, seeded) or "
-        "dynamic (a fresh draw every epoch; the test set binarised once). "
-        "Default: dynamic for bernoulli, none otherwise",
-    )
+    add_model_arguments(train, defaults=False)
     train.add_argument(
         "--sigma",
         type=float,
         default=None,
         help="fixed s.d. of the gaussian likelihood (default: learned)",
-    )
-    train.add_argument("--z-dim", type=int, default=None, help="latent size (default: 20)")
-    train.add_argument(
-        "--hidden",
-        type=hidden_sizes,
-        default=None,
-        help="hidden layer sizes, e.g. 400 or 300,300 (default: 400)",
     )
     train.add_argument(
         "--arch",

@@ -302,18 +302,11 @@ def _betas(text: str) -> tuple[float, ...]:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ppl_vae.cli import set_threads
-    from ppl_vae.experiment import VAEConfig
+    from ppl_vae.cli import set_threads, vae_config_from_args
     from ppl_vae.train import TrainConfig
 
     set_threads(args.threads)
-    vae_config = VAEConfig(
-        dataset=args.dataset,
-        likelihood=args.likelihood,
-        binarize=args.binarize,
-        z_dim=args.z_dim,
-        hidden=args.hidden,
-    )
+    vae_config = vae_config_from_args(args)
     train_config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -354,8 +347,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     """Add the ``sweep`` subcommand to ``subparsers`` (from ``add_subparsers``); its handler
     is ``args.handler(args) -> int``."""
-    # The train command's parsers of layer sizes and thread counts.
-    from ppl_vae.cli import THREADS_HELP, hidden_sizes, thread_count
+    # The train command's data and model flags, and its parser of thread counts.
+    from ppl_vae.cli import THREADS_HELP, add_model_arguments, thread_count
 
     sweep = subparsers.add_parser(
         "sweep",
@@ -370,32 +363,7 @@ def add_parser(subparsers: Any) -> None:
         epilog="example: ppl-vae sweep --dataset digits --z-dim 8 --hidden 128 --epochs 30 "
         "--beta 0.1,0.25,0.5,1,2,4,8 --out runs/sweep-digits",
     )
-    sweep.add_argument(
-        "--dataset",
-        choices=("digits", "fashion-mnist", "mnist"),
-        default="fashion-mnist",
-        help="data set (default: %(default)s); digits ships with scikit-learn",
-    )
-    sweep.add_argument("--data-dir", help="folder holding the IDX files of the data set")
-    sweep.add_argument(
-        "--likelihood",
-        choices=("bernoulli", "gaussian", "continuous-bernoulli"),
-        default="bernoulli",
-        help="p(x | z) (default: %(default)s)",
-    )
-    sweep.add_argument(
-        "--binarize",
-        choices=("none", "static", "dynamic"),
-        default=None,
-        help="binarisation of the grey images (default: dynamic for bernoulli, none otherwise)",
-    )
-    sweep.add_argument("--z-dim", type=int, default=20, help="latent size (default: %(default)s)")
-    sweep.add_argument(
-        "--hidden",
-        type=hidden_sizes,
-        default=(400,),
-        help="hidden layer sizes, e.g. 400 or 300,300 (default: 400)",
-    )
+    add_model_arguments(sweep, defaults=True)
     sweep.add_argument(
         "--beta",
         type=_betas,
