@@ -54,7 +54,7 @@ def vae_demo(
     progress: bool = True,
 ) -> tuple[Path, Evaluation]:
     """Train a 784-400-20 Bernoulli VAE on dynamically binarised Fashion-MNIST for ``epochs``
-    (about two minutes on 2 CPU cores for the default), then evaluate it on ``test_images``
+    (about 30 s on 2 CPU cores for the default), then evaluate it on ``test_images``
     test images. Falls back to the 8x8 digits, saying so, when Fashion-MNIST is missing."""
     from ppl_vae.experiment import VAEConfig
     from ppl_vae.run import evaluate_run, train_run
