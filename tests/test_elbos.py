@@ -45,6 +45,10 @@ def test_jit_elbo_replays_the_plain_elbo(name, num_particles):
         for seed in (10, 11, 12):
             loss, grads = _loss_and_grads(jit, model, guide, params, x[:rows], seed)
             want_loss, want_grads = _loss_and_grads(plain, model, guide, params, x[:rows], seed)
+            # Mean-field replays bitwise (seen: 0 difference). Trace's traced graph adds the
+            # per-site terms in another order: float32 rounding of sums of a few hundred terms,
+            # relative ~1e-7 for the loss and up to ~1e-4 for gradient entries (seen: 8e-8, 2e-4
+            # absolute on entries of order 1-10).
             torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
             for g, w in zip(grads, want_grads, strict=True):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
