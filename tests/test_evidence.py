@@ -9,6 +9,7 @@ import torch
 from ppl_vae import elbo_ledger, iwae_log_evidence
 from ppl_vae.guides import linear_gaussian as lg_guide
 from ppl_vae.models import linear_gaussian as lg_model
+from ppl_vae.psis import pareto_khat
 
 D, Z, N, SIGMA = 5, 2, 200, 0.5
 
@@ -178,3 +179,207 @@ def test_fast_and_generic_iwae_agree_within_noise():
     diff = results[0].iwae_per_image - results[1].iwae_per_image
     stderr = float(diff.std() / math.sqrt(diff.numel()))
     assert abs(float(diff.mean())) < 4 * stderr, (float(diff.mean()), stderr)
+
+
+# --- The bound on unscaled weights, with its s.e., ESS and k-hat, streamed.
+#
+# A 1-D linear Gaussian pair: z ~ N(0, 1), x | z ~ N(w z, s^2), so x ~ N(0, w^2 + s^2) and
+# p(z | x) = N(w x / (w^2 + s^2), s^2 / (w^2 + s^2)); the guide q(z | x) = N(a x + c, t^2).
+
+W1, S1, N1 = 1.5, 0.7, 40
+
+
+def _pair_1d(x, a, c, t, subsample=None, subsample_size=None, scale=1.0, mask=True, record=None):
+    """The model when ``record`` is None, else the guide (it appends its (z, rows) draws).
+
+    ``mask`` (per row) masks the observation site of the model.
+    """
+    with pyro.plate("data", x.shape[0], subsample=subsample, subsample_size=subsample_size) as i:
+        with pyro.poutine.scale(scale=scale):
+            if record is None:
+                z = pyro.sample("z", pyro.distributions.Normal(torch.zeros_like(x[i]), 1.0))
+            else:
+                z = pyro.sample("z", pyro.distributions.Normal(a * x[i] + c, t))
+                if z.dim() == 2:  # (n, m): a chunk of n particles, not the structure check
+                    record.append((z, i))
+        if record is None:
+            with pyro.poutine.mask(mask=mask):
+                pyro.sample("x", pyro.distributions.Normal(W1 * z, S1), obs=x[i])
+
+
+def _model_1d(x, a, c, t, record=None, **kwargs):
+    _pair_1d(x, a, c, t, **kwargs)
+
+
+def _guide_1d(x, a, c, t, record=None, **kwargs):
+    _pair_1d(x, a, c, t, record=[] if record is None else record, **kwargs)
+
+
+def _normal_log_density(v, mean, sd):
+    return -0.5 * math.log(2 * math.pi) - math.log(sd) - 0.5 * ((v - mean) / sd) ** 2
+
+
+def _data_1d():
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(N1, generator=generator, dtype=torch.float64)
+    return W1 * z + S1 * torch.randn(N1, generator=generator, dtype=torch.float64)
+
+
+def _exact_guide():
+    var = W1**2 + S1**2
+    return W1 / var, 0.0, S1 / math.sqrt(var)  # a, c, t of p(z | x)
+
+
+def _imperfect_guide():
+    a, _, t = _exact_guide()
+    return 1.1 * a, 0.05, 1.3 * t  # wider than the posterior: bounded weights
+
+
+@pytest.mark.parametrize("chunk_size", [200, 64, 7])
+def test_iwae_streamed_diagnostics_equal_those_of_all_weights_at_once(chunk_size):
+    # The draws each chunk made are recorded; from them, all K = 200 log-weights are rebuilt
+    # in closed form here, and every streamed statistic must equal its all-at-once value.
+    x = _data_1d()
+    a, c, t = _imperfect_guide()
+    record = []
+    estimate = iwae_log_evidence(
+        _model_1d, _guide_1d, x, a, c, t, record=record, num_samples=200, chunk_size=chunk_size
+    )
+    z = torch.cat([draw for draw, _ in record])  # (K, N)
+    assert z.shape == (200, N1)
+    log_w = (
+        _normal_log_density(z, 0.0, 1.0)
+        + _normal_log_density(x, W1 * z, S1)
+        - _normal_log_density(z, a * x + c, t)
+    )  # (K, N)
+    peak = log_w.max(0).values
+    w = (log_w - peak).exp()  # (K, N), max 1 per column
+    bound = peak + w.mean(0).log()
+    ess = w.sum(0) ** 2 / (w**2).sum(0)
+    stderr = (w.var(0, correction=1) / (200 * w.mean(0) ** 2)).sqrt()
+    assert estimate.per_item.shape == estimate.stderr_per_item.shape == (N1,)
+    assert estimate.ess_per_item.shape == estimate.khat_per_item.shape == (N1,)
+    assert torch.allclose(estimate.per_item, bound, rtol=0, atol=1e-10)
+    assert torch.allclose(estimate.ess_per_item, ess, rtol=1e-10, atol=0)
+    assert torch.allclose(estimate.stderr_per_item, stderr, rtol=1e-8, atol=0)
+    # k-hat of all K weights at once (the non-streamed function) against the running top-M.
+    # (log w rebuilt here differs from Pyro's by rounding, ~1e-15: k-hat by ~1e-13.)
+    assert torch.allclose(estimate.khat_per_item, pareto_khat(log_w, dim=0), rtol=0, atol=1e-9)
+    assert math.isclose(estimate.stderr, float(stderr.square().sum().sqrt()), rel_tol=1e-8)
+    assert estimate.scale == 1.0 and estimate.full_data_total == estimate.total
+
+
+@pytest.mark.parametrize("subsampling", ["indices", "random"])
+def test_iwae_on_a_subsampled_plate_bounds_each_rows_log_evidence(subsampling):
+    # Pyro scales every site of a subsampled plate by N / m = 4; the bound must be formed on
+    # unscaled weights (a scaled log w is 4 log w: ~3 |log p(x)| ~ 5 nats per row off).
+    # Per row, bound = log p(x) - gap with E[gap] ~ se^2 / 2 (second-order delta method) and
+    # s.d. ~ se; rows are independent, so sum(log p(x) - bound) lies in
+    # [-4 stderr, sum(se^2) + 4 stderr] but with probability < 1e-4.
+    x = _data_1d()
+    a, c, t = _imperfect_guide()
+    m, num = 10, 500
+    kwargs = (
+        {"subsample": torch.tensor([3, 17, 0, 39, 8, 21, 30, 5, 12, 26])}
+        if subsampling == "indices"
+        else {"subsample_size": m}
+    )
+    record = []
+    estimate = iwae_log_evidence(
+        _model_1d, _guide_1d, x, a, c, t, record=record, num_samples=num, chunk_size=64, **kwargs
+    )
+    rows = record[0][1]
+    # Every chunk weighs the same rows: a random subsample is drawn once, not once per chunk.
+    assert all(torch.equal(i, rows) for _, i in record) and len(record) == 8
+    truth = _normal_log_density(x[rows], 0.0, math.sqrt(W1**2 + S1**2))  # (m,)
+    assert estimate.per_item.shape == (m,) and estimate.plates == ("data",)
+    assert estimate.scale == N1 / m
+    assert estimate.full_data_total == pytest.approx(N1 / m * estimate.total, rel=1e-12)
+    gap = float((truth - estimate.per_item).sum())
+    se2 = float(estimate.stderr_per_item.square().sum())
+    assert -4 * estimate.stderr < gap < se2 + 4 * estimate.stderr, (gap, estimate.stderr, se2)
+    assert not bool(estimate.unreliable.any()), estimate.khat_per_item
+
+
+@pytest.mark.parametrize("where", ["model", "model and guide"])
+def test_iwae_ignores_poutine_scale_on_the_latent_site(where):
+    # poutine.scale weighs an objective's terms (beta-VAE), not the density: same seed, same
+    # draws, so the same bound, s.e., ESS and k-hat as without it.
+    x = _data_1d()
+    a, c, t = _imperfect_guide()
+
+    def scaled_model(*args, **kwargs):
+        _model_1d(*args, scale=0.5, **kwargs)
+
+    def scaled_guide(*args, **kwargs):
+        _guide_1d(*args, scale=0.5 if where == "model and guide" else 1.0, **kwargs)
+
+    results = []
+    for model, guide in ((_model_1d, _guide_1d), (scaled_model, scaled_guide)):
+        pyro.set_rng_seed(7)
+        results.append(iwae_log_evidence(model, guide, x, a, c, t, num_samples=300, chunk_size=70))
+    plain, scaled = results
+    for name in ("per_item", "stderr_per_item", "ess_per_item", "khat_per_item"):
+        assert torch.allclose(getattr(scaled, name), getattr(plain, name), rtol=0, atol=1e-10)
+    assert scaled.scale == 1.0  # a user's scale is not a subsample factor
+
+
+def test_iwae_applies_the_masks_of_the_sites():
+    # A masked observation drops out of log w, leaving p(z) / q(z), whose mean under q is 1:
+    # the masked rows' bound is log 1 = 0 less its gap (same band as above, around 0), where
+    # ignoring the mask would leave it near log p(x) ~ -1.7 per row.
+    x = _data_1d()
+    a, c, t = _imperfect_guide()
+    mask = torch.arange(N1) % 2 == 0  # even rows observed, odd rows masked
+    estimate = iwae_log_evidence(
+        _model_1d, _guide_1d, x, a, c, t, mask=mask, num_samples=400, chunk_size=150
+    )
+    for rows, truth in (
+        (mask, _normal_log_density(x[mask], 0.0, math.sqrt(W1**2 + S1**2))),
+        (~mask, torch.zeros(N1 // 2, dtype=torch.float64)),
+    ):
+        se = estimate.stderr_per_item[rows]
+        stderr = float(se.square().sum().sqrt())
+        gap = float((truth - estimate.per_item[rows]).sum())
+        assert -4 * stderr < gap < float(se.square().sum()) + 4 * stderr, (gap, stderr)
+
+
+def test_iwae_with_the_exact_posterior_has_constant_weights():
+    # q = p(z | x): every weight is p(x) exactly, so ESS = K, s.e. = 0 and the bound is log p(x)
+    # (float64 data: rounding of log w ~ 1e-15).
+    x = _data_1d()
+    estimate = iwae_log_evidence(
+        _model_1d, _guide_1d, x, *_exact_guide(), num_samples=150, chunk_size=40
+    )
+    truth = _normal_log_density(x, 0.0, math.sqrt(W1**2 + S1**2))
+    assert torch.allclose(estimate.per_item, truth, rtol=0, atol=1e-10)
+    assert torch.allclose(estimate.ess_per_item, torch.full((N1,), 150.0, dtype=torch.float64))
+    assert float(estimate.stderr_per_item.max()) < 1e-6
+    assert not bool(estimate.unreliable.any())
+
+
+def test_iwae_diagnostics_on_probabilistic_pca(problem):
+    # Same band as for the subsampled pair: sum(log p(x) - bound) in [-4 stderr, sum(se^2) +
+    # 4 stderr] over N = 200 independent rows, log p(x) closed form.
+    x, W, b = problem
+    estimate = iwae_log_evidence(
+        lg_model.model, lg_guide.guide, x, W, b, SIGMA, num_samples=100, chunk_size=30
+    )
+    for name in ("stderr_per_item", "ess_per_item", "khat_per_item"):
+        assert getattr(estimate, name).shape == (N,), name
+    assert estimate.unreliable.shape == (N,) and estimate.unreliable.dtype == torch.bool
+    assert bool(((estimate.ess_per_item >= 1) & (estimate.ess_per_item <= 100 + 1e-9)).all())
+    assert estimate.max_khat == float(estimate.khat_per_item.max())
+    gap = float((lg_model.log_evidence(x, W, b, SIGMA) - estimate.per_item).sum())
+    se2 = float(estimate.stderr_per_item.square().sum())
+    assert -4 * estimate.stderr < gap < se2 + 4 * estimate.stderr, (gap, estimate.stderr, se2)
+
+
+def test_iwae_estimate_built_without_diagnostics_keeps_working():
+    from ppl_vae.evidence import IWAEEstimate
+
+    estimate = IWAEEstimate(per_item=torch.tensor([-1.0, -2.0]), num_samples=5, plates=("data",))
+    assert estimate.total == -3.0 and estimate.scale == 1.0 and estimate.full_data_total == -3.0
+    assert bool(estimate.khat_per_item.isnan().all()) and estimate.khat_per_item.shape == (2,)
+    assert math.isnan(estimate.stderr) and math.isnan(estimate.max_khat)
+    assert not bool(estimate.unreliable.any())
