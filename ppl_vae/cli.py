@@ -19,7 +19,13 @@ import pyro
 import torch
 
 from ppl_vae.elbos import ELBOS
-from ppl_vae.errors import EXIT_INPUT, PplVaeError, TrainingInterrupted
+from ppl_vae.errors import (
+    EXIT_INPUT,
+    DataError,
+    PplVaeError,
+    TrainingInterrupted,
+    UserFileError,
+)
 
 if TYPE_CHECKING:  # imported lazily at run time: --help stays quick
     from ppl_vae.experiment import VAEConfig
@@ -52,9 +58,16 @@ def load_callable(spec: str) -> Callable:
             raise ValueError(f"cannot import '{path}' as a Python module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module  # dataclasses and pickling look modules up here
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as error:  # the user's code: any failure is theirs to fix
+            del sys.modules[module_name]
+            raise UserFileError(f"cannot import '{path}': {_describe(error)}") from error
     else:
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except Exception as error:
+            raise UserFileError(f"cannot import '{target}': {_describe(error)}") from error
     try:
         fn = getattr(module, name)
     except AttributeError:
@@ -62,6 +75,15 @@ def load_callable(spec: str) -> Callable:
     if not callable(fn):
         raise ValueError(f"'{spec}' is not callable")
     return fn
+
+
+def _describe(error: BaseException) -> str:
+    """``Kind: message (file, line N)`` on one line, for an error raised by a user's file."""
+    where = ""
+    if isinstance(error, SyntaxError) and error.lineno:
+        where = f" ({Path(error.filename or '?').name}, line {error.lineno})"
+        return f"SyntaxError: {error.msg}{where}"
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def load_data(text: str) -> torch.Tensor:
@@ -93,12 +115,37 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     model, guide = load_callable(args.model), load_callable(args.guide)
     data = load_data(args.data)
+    bad = ~torch.isfinite(data)
+    if bool(bad.any()):
+        first = [int(i) for i in bad.reshape(-1).nonzero()[:3, 0]]
+        raise DataError(
+            f"--data holds NaN or infinite values (at flat positions {first}); pass finite numbers"
+        )
     pyro.set_rng_seed(args.seed)
     report = check_pair(
-        model, guide, data, num_particles=args.particles, iwae_samples=args.iwae_samples
+        model,
+        guide,
+        data,
+        num_particles=args.particles,
+        iwae_samples=args.iwae_samples,
+        gradients=args.gradients,
+        estimators=args.estimators,
     )
     print(report)
     return 0
+
+
+def _at_least_two(text: str) -> int:
+    """argparse type of ``--particles`` / ``--iwae-samples``: an integer >= 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 2 (a standard error needs two draws), got {text!r}"
+        )
+    return value
 
 
 def set_threads(threads: int | None) -> None:
@@ -466,13 +513,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--particles",
-        type=int,
+        type=_at_least_two,
         default=1000,
-        help="particles of the sampled ELBO (default: %(default)s)",
+        help="particles of the sampled ELBO, >= 2 (default: %(default)s)",
+    )
+    check.add_argument(
+        "--gradients",
+        action="store_true",
+        help="also compare every parameter's sampled gradient (25 independent estimates) "
+        "with the exact enumerated one, and print the worst z-score per parameter",
+    )
+    check.add_argument(
+        "--estimators",
+        default="",
+        metavar="LIST",
+        help="also compare estimators on the pair: value, bias, gradient variance and SNR, "
+        "e.g. trace,meanfield,tracegraph,renyi:0.5,iwae:10,stl,dreg:10",
     )
     check.add_argument(
         "--iwae-samples",
-        type=int,
+        type=_at_least_two,
         default=5000,
         help="K of the IWAE bound used when log p(x) is not exact (default: %(default)s)",
     )
@@ -671,11 +731,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ppl-vae {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except PplVaeError as error:
-        print(f"ppl-vae {args.command}: error: {error}", file=sys.stderr)
+        print(f"ppl-vae {args.command}: error: {_message(args, error)}", file=sys.stderr)
         return error.exit_code
     except (ValueError, FileNotFoundError) as error:
-        print(f"ppl-vae {args.command}: error: {error}", file=sys.stderr)
+        print(f"ppl-vae {args.command}: error: {_message(args, error)}", file=sys.stderr)
         return EXIT_INPUT
+
+
+def _message(args: argparse.Namespace, error: BaseException) -> str:
+    # check runs the user's code, whose errors (Pyro's among them) span lines: keep one.
+    return " ".join(str(error).split()) if args.command == "check" else str(error)
 
 
 if __name__ == "__main__":

@@ -26,16 +26,20 @@ __all__ = [
     "EXIT_DIVERGED",
     "EXIT_INPUT",
     "EXIT_WRITE",
+    "ArgumentError",
     "CheckpointError",
     "CheckpointWriteError",
     "ConfigMismatchError",
     "DataError",
     "DatasetNotFoundError",
+    "EstimatorError",
     "ModelGuideMismatchError",
     "NotEnumerableError",
+    "PairExecutionError",
     "PplVaeError",
     "TrainingDivergedError",
     "TrainingInterrupted",
+    "UserFileError",
     "WriteError",
 ]
 
@@ -58,6 +62,17 @@ class DataError(PplVaeError, ValueError):
 
 class DatasetNotFoundError(PplVaeError, FileNotFoundError):
     """A dataset that is not on this machine; the message lists the ways to get it."""
+
+
+class ArgumentError(PplVaeError, ValueError):
+    """An argument outside its range (a particle count below 2, an unknown estimator name);
+    the message names the argument and the values it takes."""
+
+
+class EstimatorError(PplVaeError, ValueError):
+    """A pair that an estimator cannot serve: a latent site that is not reparameterised, or a
+    scale (a beta) on a latent site of an importance-weighted bound. The message names the
+    site."""
 
 
 class ModelGuideMismatchError(PplVaeError, ValueError):
@@ -139,3 +154,13 @@ class TrainingInterrupted(KeyboardInterrupt):
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name
+
+
+class UserFileError(PplVaeError, ValueError):
+    """A user's model or guide file (or module) that does not import: a syntax error, an
+    import error, an exception at import time; the message names the file and line."""
+
+
+class PairExecutionError(PplVaeError, RuntimeError):
+    """The user's model or guide raised while being traced; the message names which and the
+    original error (often a guide value outside the model's support, or wrong arguments)."""

@@ -22,12 +22,28 @@ from typing import Literal
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceEnum_ELBO, config_enumerate
-from pyro.infer.traceenum_elbo import _find_ordinal
+from pyro.infer.traceenum_elbo import _compute_dice_elbo, _find_ordinal
 from pyro.infer.util import Dice
 
-from ppl_vae.pair import PairStructure, inspect_pair, sum_except, vectorized_traces
+from ppl_vae.pair import (
+    BoundPair,
+    PairStructure,
+    ScaleMode,
+    bind_pair,
+    inspect_pair,
+    sum_except,
+    vectorized_traces,
+)
 
-__all__ = ["Ledger", "SiteTerm", "elbo_ledger", "sampled_site_terms"]
+__all__ = [
+    "MARGINAL_TERM",
+    "REPEATS",
+    "Ledger",
+    "SiteTerm",
+    "bound_ledger",
+    "elbo_ledger",
+    "sampled_site_terms",
+]
 
 TermKind = Literal["reconstruction", "kl"]
 
@@ -56,6 +72,8 @@ class Ledger:
     elbo_stderr: float
     exact: bool
     num_particles: int  # 0 when exact
+    method: str = ""  # how it was estimated: "exact (enumeration)", "enumerated over ...", ...
+    repeats: int = 0  # > 0: the s.e. comes from this many independent repeats
 
     @property
     def reconstruction(self) -> float:
@@ -75,7 +93,11 @@ class Ledger:
         raise KeyError(f"no site '{site}' in this ledger; sites: {[t.site for t in self.terms]}")
 
     def __str__(self) -> str:
-        how = "exact, by enumeration" if self.exact else f"sampled, {self.num_particles} particles"
+        how = (
+            "exact, by enumeration"
+            if self.exact
+            else f"{self.method}, {self.num_particles} particles"
+        )
         lines = [f"ELBO ledger ({how}), nats", f"  {'site':<12} {'term':<26} {'value':>10}  ± s.e."]
         for t in self.terms:
             label = "E_q[log p(x|.)]" if t.kind == "reconstruction" else "KL(q || p)"
@@ -93,6 +115,14 @@ def _se(stderr: float) -> str:
     return "exact" if stderr == 0 else f"{stderr:.4f}"
 
 
+ElboMethod = Literal["auto", "exact", "enumerated", "sampled"]
+
+REPEATS = 25
+"""Independent repeats behind the standard error of an enumerated-and-sampled estimate (its
+particles are contracted by Pyro, not kept): s.e. = sd of the repeat means / sqrt(25), a t
+statistic with 24 degrees of freedom (|t| > 4 with probability 5e-4)."""
+
+
 def elbo_ledger(
     model: Callable,
     guide: Callable,
@@ -102,34 +132,108 @@ def elbo_ledger(
     analytic_kl: bool = True,
     **kwargs,
 ) -> Ledger:
-    """The ELBO of ``(model, guide)`` on ``args``, term by term.
+    """The ELBO of ``(model, guide)`` on ``args``, term by term, with the pair's own scales.
 
     :param exact: ``True`` demands enumeration (raising :class:`NotEnumerableError` when a
-        latent site cannot be enumerated), ``False`` demands sampling, ``None`` picks exact
-        whenever possible.
+        latent site cannot be enumerated), ``False`` demands sampling, ``None`` enumerates
+        every discrete guide site and samples the rest (exact when nothing is left to sample).
     :param num_particles: vectorised particles for the sampled estimate.
     :param analytic_kl: use closed-form KL terms where ``kl_divergence`` has the pair.
     """
-    structure = inspect_pair(model, guide, args, kwargs)
-    if exact is None:
-        exact = structure.enumerable
-    if exact:
-        structure.require_enumerable("an exact ELBO")
-        return _exact_ledger(model, guide, args, kwargs, structure)
-    return _sampled_ledger(model, guide, args, kwargs, structure, num_particles, analytic_kl)
+    bound = bind_pair(model, guide, args, kwargs)
+    method: ElboMethod = "auto" if exact is None else ("exact" if exact else "sampled")
+    return bound_ledger(
+        bound, "as_written", method=method, num_particles=num_particles, analytic_kl=analytic_kl
+    )
 
 
-def _exact_ledger(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, structure: PairStructure
+def bound_ledger(
+    bound: BoundPair,
+    mode: ScaleMode = "true",
+    *,
+    method: ElboMethod = "auto",
+    num_particles: int = 1000,
+    analytic_kl: bool = True,
 ) -> Ledger:
-    # TraceEnum_ELBO builds the enumerated, packed traces; Dice weights each site's cost by the
-    # guide's enumerated probabilities, which is exactly how TraceEnum_ELBO sums its own loss.
-    enum_elbo = TraceEnum_ELBO(max_plate_nesting=structure.max_plate_nesting)
-    values: dict[str, float] = {}
+    """The ledger of a bound pair under the scales of ``mode`` (see :class:`BoundPair`).
+
+    ``"exact"``: every guide site enumerated; ``"enumerated"``: the guide's discrete sites
+    enumerated and its continuous ones sampled; ``"sampled"``: every guide site sampled.
+    Discrete model sites absent from the guide are summed out in the model in all three.
+    """
+    structure = bound.structure
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    if method == "auto":
+        method = "exact" if structure.enumerable else "enumerated"
+    if method == "exact":
+        structure.require_enumerable("an exact ELBO")
+    if method == "enumerated" and not structure.enumerable_latent:
+        method = "sampled"
+    if method == "sampled" and not structure.model_enumerated:
+        return _sampled_ledger(bound, mode, num_particles, analytic_kl)
+    return _enumerated_ledger(bound, mode, method, num_particles)
+
+
+def _enumerated_ledger(
+    bound: BoundPair, mode: ScaleMode, method: ElboMethod, num_particles: int
+) -> Ledger:
+    structure = bound.structure
+    model = config_enumerate(bound.model_fn(mode), "parallel")
+    guide = bound.guide_fn(mode)
+    if method in ("exact", "enumerated"):
+        guide = config_enumerate(guide, "parallel")
+    if method == "exact":
+        runs, particles = [_dice_run(bound, model, guide, 1)], 0
+    else:
+        if num_particles < 2:
+            raise ValueError(f"a sampled estimate needs num_particles >= 2, got {num_particles}")
+        repeats = min(REPEATS, num_particles)
+        per_run = max(1, num_particles // repeats)
+        runs = [_dice_run(bound, model, guide, per_run) for _ in range(repeats)]
+        particles = repeats * per_run
+    values = {}
+    for name in runs[0]:
+        column = torch.tensor([run[name] for run in runs], dtype=torch.float64)
+        kind = "exact" if method == "exact" else "sampled"
+        values[name] = (float(column.mean()), _stderr(column) if particles else 0.0, kind)
+    total = values.pop(_TOTAL)
+    terms = _ordered_terms(structure, values)
+    return Ledger(
+        terms=terms,
+        elbo=total[0],
+        elbo_stderr=total[1],
+        exact=method == "exact",
+        num_particles=particles,
+        method=_describe(structure, method),
+        repeats=len(runs) if particles else 0,
+    )
+
+
+_TOTAL = "\0elbo"  # the key of the total in a run's values (no site can be named so)
+
+
+def _dice_run(bound: BoundPair, model: Callable, guide: Callable, particles: int) -> dict:
+    """One TraceEnum_ELBO run: the ELBO and each site's term, averaged over ``particles``.
+
+    Costs are weighted by the enumerated guide's probabilities through Pyro's ``Dice``,
+    exactly as ``TraceEnum_ELBO`` sums its own loss; sites whose model factor involves a
+    model-enumerated site are summed out with it and reported as one marginal term.
+    """
+    structure = bound.structure
+    enum_elbo = TraceEnum_ELBO(
+        max_plate_nesting=structure.max_plate_nesting,
+        num_particles=particles,
+        vectorize_particles=particles > 1,
+    )
+    marginalised = {s.name for s in structure.model_enumerated}
+    out: dict[str, float] = {}
     with torch.no_grad():
         for model_trace, guide_trace in enum_elbo._get_traces(
-            model, config_enumerate(guide, "parallel"), args, kwargs
+            model, guide, bound.args, bound.kwargs
         ):
+            out[_TOTAL] = float(_compute_dice_elbo(model_trace, guide_trace)) / particles
+            enum_dims = {model_trace.nodes[n]["infer"].get("_enumerate_dim") for n in marginalised}
             ordering = {
                 name: _find_ordinal(trace, site)
                 for trace in (model_trace, guide_trace)
@@ -140,21 +244,50 @@ def _exact_ledger(
 
             def expect(cost: torch.Tensor, ordinal: frozenset, dice: Dice = dice) -> float:
                 """E_q[cost], q the enumerated guide (the weighting TraceEnum_ELBO uses)."""
-                return float(dice.compute_expectation({ordinal: [cost]}))
+                return float(dice.compute_expectation({ordinal: [cost]})) / particles
 
-            for name, site in model_trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                log_p = site["packed"]["log_prob"]
-                if site["is_observed"]:
-                    value = expect(log_p, ordering[name])
+            for name in (s.name for s in structure.latent + structure.observed):
+                model_site = model_trace.nodes[name]
+                if _touches(model_site, enum_dims):
+                    continue  # it involves a summed-out site: part of the marginal term
+                log_p = model_site["packed"]["log_prob"]
+                if model_site["is_observed"]:
+                    out[name] = expect(log_p, ordering[name])
                 else:
                     log_q = guide_trace.nodes[name]["packed"]["log_prob"]
-                    value = expect(log_q, ordering[name]) - expect(log_p, ordering[name])
-                values[name] = values.get(name, 0.0) + value
-    terms = _ordered_terms(structure, {n: (v, 0.0, "exact") for n, v in values.items()})
-    elbo = sum(t.value if t.kind == "reconstruction" else -t.value for t in terms)
-    return Ledger(terms=terms, elbo=elbo, elbo_stderr=0.0, exact=True, num_particles=0)
+                    out[name] = expect(log_q, ordering[name]) - expect(log_p, ordering[name])
+    if marginalised:
+        # The sites summed out in the model, with every factor that involves them, hold the
+        # rest of the ELBO: marginal = ELBO - (recon - KL) over the terms above.
+        observed = {s.name for s in structure.observed}
+        rest = sum(v if k in observed else -v for k, v in out.items() if k != _TOTAL)
+        out[MARGINAL_TERM] = out[_TOTAL] - rest
+    return out
+
+
+MARGINAL_TERM = "(summed out)"
+"""The ledger's name for the term of the sites summed out in the model, together with every
+site whose factor involves them: E_q[log sum_l p(x, l | ...)] over those sites."""
+
+
+def _touches(site: dict, enum_dims: set) -> bool:
+    """Whether a model site's log-probability depends on a model-enumerated site."""
+    dims = {d for d in enum_dims if d is not None}
+    shape = site["log_prob"].shape
+    return any(-d <= len(shape) and shape[d] > 1 for d in dims)
+
+
+def _describe(structure: PairStructure, method: ElboMethod) -> str:
+    """How an estimate was made, e.g. "enumerated over ['y'], sampled over ['z']"."""
+    summed = [s.name for s in structure.model_enumerated]
+    in_model = f"; summed out in the model over {summed}" if summed else ""
+    if method == "exact":
+        return "exact (enumeration)" + in_model
+    enumerated = [s.name for s in structure.enumerable_latent] if method == "enumerated" else []
+    sampled = [s.name for s in structure.latent if s.name not in enumerated]
+    if enumerated:
+        return f"enumerated over {enumerated}, sampled over {sampled}" + in_model
+    return "sampled" + in_model
 
 
 def sampled_site_terms(
@@ -215,23 +348,17 @@ def _analytic_kl(guide_site: dict, model_site: dict) -> torch.Tensor | None:
 
 
 def _sampled_ledger(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    structure: PairStructure,
-    num_particles: int,
-    analytic_kl: bool,
+    bound: BoundPair, mode: ScaleMode, num_particles: int, analytic_kl: bool
 ) -> Ledger:
     with torch.no_grad():
         per_particle = sampled_site_terms(
-            model,
-            guide,
-            *args,
+            bound.model_fn(mode),
+            bound.guide_fn(mode),
+            *bound.args,
             num_particles=num_particles,
             analytic_kl=analytic_kl,
-            structure=structure,
-            **kwargs,
+            structure=bound.structure,
+            **bound.kwargs,
         )
     values = {
         name: (float(t.mean()), _stderr(t), method) for name, (_, method, t) in per_particle.items()
@@ -240,24 +367,37 @@ def _sampled_ledger(
         t if kind == "reconstruction" else -t for kind, _, t in per_particle.values()
     )
     return Ledger(
-        terms=_ordered_terms(structure, values),
+        terms=_ordered_terms(bound.structure, values),
         elbo=float(elbo_particles.mean()),
         elbo_stderr=_stderr(elbo_particles),
         exact=False,
         num_particles=num_particles,
+        method=_describe(bound.structure, "sampled"),
     )
 
 
 def _stderr(samples: torch.Tensor) -> float:
-    """Standard error of the mean of i.i.d. particles: sd / sqrt(N) (0 for a single one)."""
+    """Standard error of the mean of i.i.d. draws: sd / sqrt(N); NaN for a single one.
+
+    A draw of -inf (q puts mass where p has none) makes the mean -inf for certain: s.e. 0.
+    """
     n = samples.shape[0]
+    if bool(torch.isinf(samples).any()) and math.isinf(float(samples.mean())):
+        return 0.0
     return float(samples.std() / math.sqrt(n)) if n > 1 else math.nan
 
 
 def _ordered_terms(
     structure: PairStructure, values: dict[str, tuple[float, float, str]]
 ) -> tuple[SiteTerm, ...]:
-    # Observed sites first (reconstruction), then latent sites in guide order (KL).
-    terms = [SiteTerm(s.name, "reconstruction", *values[s.name]) for s in structure.observed]
-    terms += [SiteTerm(s.name, "kl", *values[s.name]) for s in structure.latent]
+    # Observed sites first (reconstruction), then latent sites in guide order (KL), then the
+    # term of the sites summed out in the model; a site merged into that term has none.
+    terms = [
+        SiteTerm(s.name, "reconstruction", *values[s.name])
+        for s in structure.observed
+        if s.name in values
+    ]
+    if MARGINAL_TERM in values:
+        terms.append(SiteTerm(MARGINAL_TERM, "reconstruction", *values[MARGINAL_TERM]))
+    terms += [SiteTerm(s.name, "kl", *values[s.name]) for s in structure.latent if s.name in values]
     return tuple(terms)

@@ -38,9 +38,10 @@ def test_check_on_a_user_file(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0
-    assert "enumeration (TraceEnum_ELBO)" in out
-    assert "brute-force posterior over 27 configurations" in out
-    gap = float(next(line for line in out.splitlines() if line.startswith("gap =")).split()[-1])
+    assert "exact (enumeration)" in out
+    assert "brute force over 27 configurations" in out
+    gap_row = next(line for line in out.splitlines() if line.startswith("gap ="))
+    gap = float(gap_row.split("ELBO", 1)[1].split()[0])
     assert gap > 0.1  # a shared q cannot match each datum's posterior
 
 
@@ -152,3 +153,68 @@ def test_demo_sets_the_thread_count(tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# --- check: every problem with a user's file or arguments is one line and exit code 2.
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def model(x):\n    return (\n", "SyntaxError"),
+        ("import no_such_module_anywhere\n", "ModuleNotFoundError"),
+        ("raise RuntimeError('broken at import')\n", "RuntimeError: broken at import"),
+    ],
+    ids=["syntax-error", "import-error", "raises-at-import"],
+)
+def test_check_user_file_that_does_not_import(tmp_path, capsys, source, expected):
+    path = tmp_path / "broken_pair.py"
+    path.write_text(source)
+    code = main(["check", f"{path}:model", f"{path}:guide"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err and "broken_pair.py" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("particles", ["0", "-5", "1", "many"])
+def test_check_particles_below_two_is_a_usage_error(capsys, particles):
+    with pytest.raises(SystemExit) as stop:
+        main(["check", "ppl_vae.models.binary_toy:model", "ppl_vae.guides.binary_toy:guide",
+              "--particles", particles])  # fmt: skip
+    assert stop.value.code == 2
+    assert "integer >= 2" in capsys.readouterr().err
+
+
+def test_check_nan_data_is_one_line(tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "my_pair.py"
+    path.write_text(USER_PAIR)
+    data = tmp_path / "data.npy"
+    np.save(data, np.array([1.0, np.nan, 2.0]))
+    code = main(["check", f"{path}:model", f"{path}:guide", f"--data={data}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "NaN" in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_gradients_and_estimators_flags(tmp_path, capsys):
+    path = tmp_path / "my_pair.py"
+    path.write_text(USER_PAIR)
+    code = main(
+        ["check", f"{path}:model", f"{path}:guide", "--data=-1.5,0.2,2.5", "--particles", "500",
+         "--gradients", "--estimators", "trace,tracegraph"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "gradient 'probs'" in out and "vs exact (enumeration)" in out
+    assert "tracegraph" in out and "estimators compared" in out
+
+
+def test_check_unknown_estimator_is_one_line(tmp_path, capsys):
+    path = tmp_path / "my_pair.py"
+    path.write_text(USER_PAIR)
+    code = main(["check", f"{path}:model", f"{path}:guide", "--estimators", "trace,bogus"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown estimator 'bogus'" in err
