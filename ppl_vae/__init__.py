@@ -5,43 +5,59 @@ ELBO = E_q[log p(x | z)] - KL(q(z | x) || p(z)) <= log p(x), with gap KL(q(z | x
 
 from ppl_vae.check import CheckReport, check_pair
 from ppl_vae.errors import (
+    ArgumentError,
     CheckpointError,
     CheckpointWriteError,
     ConfigMismatchError,
     DataError,
     DatasetNotFoundError,
+    EstimatorError,
     ModelGuideMismatchError,
     NotEnumerableError,
+    PairExecutionError,
     PplVaeError,
     TrainingDivergedError,
     TrainingInterrupted,
+    UserFileError,
     WriteError,
 )
 from ppl_vae.evaluate import Evaluation, evaluate
 from ppl_vae.evidence import IWAEEstimate, exact_log_evidence, iwae_log_evidence, vae_iwae
+from ppl_vae.gradcheck import EstimatorComparison, GradientCheck
 from ppl_vae.ledger import Ledger, SiteTerm, elbo_ledger
-from ppl_vae.posterior import JointTable, enumerate_joint
+from ppl_vae.objectives import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
+from ppl_vae.posterior import JointTable, PosteriorTable, enumerate_joint
 from ppl_vae.train import History, TrainConfig, fit
 
 __all__ = [
+    "IWAE_ELBO",
+    "ArgumentError",
     "CheckReport",
     "CheckpointError",
     "CheckpointWriteError",
     "ConfigMismatchError",
+    "DReGIWAE_ELBO",
     "DataError",
     "DatasetNotFoundError",
+    "EstimatorComparison",
+    "EstimatorError",
     "Evaluation",
+    "GradientCheck",
     "History",
     "IWAEEstimate",
     "JointTable",
     "Ledger",
     "ModelGuideMismatchError",
     "NotEnumerableError",
+    "PairExecutionError",
+    "PosteriorTable",
     "PplVaeError",
+    "STLTrace_ELBO",
     "SiteTerm",
     "TrainConfig",
     "TrainingDivergedError",
     "TrainingInterrupted",
+    "UserFileError",
     "WriteError",
     "check_pair",
     "elbo_ledger",

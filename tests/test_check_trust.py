@@ -216,9 +216,10 @@ def test_many_datapoints_get_an_exact_kl(n):
     expected = ones * _toy_by_hand(1.0, 0.7)[2] + (n - ones) * _toy_by_hand(0.0, 0.3)[2]
     assert report.kl_to_posterior == pytest.approx(expected, rel=1e-5)
     # log p(x) and the ELBO are float32 sums of n terms: pairwise summation errs by about
-    # log2(n) eps relative per stage; 4 stages' worth bounds gap - KL.
+    # log2(n) eps relative per stage; 4 stages' worth bounds gap - KL (the report says so too).
     rounding = 4 * math.log2(n) * 2**-24 * (abs(report.log_evidence) + abs(report.exact_elbo))
     assert report.gap_minus_kl == pytest.approx(0.0, abs=max(1e-5, rounding))
+    assert report.rounding >= rounding
 
 
 # --- 4. mixed pairs: discrete sites enumerated, continuous ones sampled.
