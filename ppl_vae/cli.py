@@ -135,17 +135,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_two(text: str) -> int:
-    """argparse type of ``--particles`` / ``--iwae-samples``: an integer >= 2."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer >= 2 (a standard error needs two draws), got {text!r}"
-        )
-    return value
+def _integer_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, else a usage error saying ``expected``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_at_least_two = _integer_at_least(2, "an integer >= 2 (a standard error needs two draws)")
 
 
 def set_threads(threads: int | None) -> None:
@@ -155,15 +160,8 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def thread_count(text: str) -> int:
-    """argparse type of ``--threads``: a positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of threads, got {text!r}")
-    return value
+thread_count = _integer_at_least(1, "a positive number of threads")
+"""argparse type of ``--threads``: a positive integer."""
 
 
 THREADS_HELP = "CPU threads for torch (default: torch's, one per core)"
