@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ppl_vae.errors import NotEnumerableError
 from ppl_vae.fastmath import bernoulli_log_prob, linear_bernoulli_log_prob
-from ppl_vae.pair import inspect_pair, sum_except, vectorized_traces
+from ppl_vae.pair import frames_subsample_factor, inspect_pair, sum_except, vectorized_traces
 from ppl_vae.psis import (
     KHAT_UNRELIABLE,
     ess_from_log_sums,
@@ -162,11 +162,7 @@ def _subsample_factor(trace, plate_names: set[str]) -> float:
         for frame in site["cond_indep_stack"]
         if frame.name in plate_names
     }
-    factor = 1.0
-    for frame in frames.values():
-        full = frame.size if frame.full_size is None else frame.full_size
-        factor *= float(full) / float(frame.size)
-    return factor
+    return frames_subsample_factor(frames.values())
 
 
 def iwae_log_evidence(

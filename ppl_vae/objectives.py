@@ -30,7 +30,6 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled, torch_item
-from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
@@ -38,7 +37,7 @@ from pyro.util import check_if_enumerated, warn_if_nan
 from torch import Tensor
 
 from ppl_vae.errors import EstimatorError, ModelGuideMismatchError
-from ppl_vae.pair import PARTICLE_PLATE, sum_except
+from ppl_vae.pair import PARTICLE_PLATE, frames_subsample_factor, sum_except
 
 __all__ = ["IWAE_ELBO", "DReGIWAE_ELBO", "STLTrace_ELBO"]
 
@@ -232,15 +231,6 @@ class STLTrace_ELBO(ELBO):
         return loss
 
 
-def _subsample_factor(frames: Iterable[CondIndepStackFrame]) -> float:
-    """prod N / m over the frames: the factor a plate's subsampling scales log-densities by."""
-    factor = 1.0
-    for frame in frames:
-        if frame.full_size is not None and frame.size not in (None, 0, -1):
-            factor *= float(frame.full_size) / float(frame.size)
-    return factor
-
-
 def _is_close(scale: Any, value: float) -> bool:
     if isinstance(scale, int | float):
         return math.isclose(scale, value, rel_tol=1e-6)
@@ -314,7 +304,7 @@ class _ImportanceWeighted(ELBO):
         shared = set.intersection(*frames) if frames else set()
         rank = nesting + 1
         keep = (-rank, *sorted(f.dim for f in shared))
-        return _LogWeights(rank=rank, keep=keep, factor=_subsample_factor(shared))
+        return _LogWeights(rank=rank, keep=keep, factor=frames_subsample_factor(shared))
 
     def _site_terms(self, trace: Trace, layout: _LogWeights, sites: set[str]) -> Tensor:
         """sum over ``sites`` of ``trace`` of unscaled, masked log-densities, summed over all
@@ -325,7 +315,7 @@ class _ImportanceWeighted(ELBO):
         for site in _sample_sites(trace):
             if site["name"] not in sites:
                 continue
-            own = _subsample_factor(site["cond_indep_stack"])
+            own = frames_subsample_factor(site["cond_indep_stack"])
             if not site["is_observed"] and not _is_close(site["scale"], own):
                 raise EstimatorError(
                     f"{type(self).__name__}: latent site '{site['name']}' carries a scale "

@@ -7,7 +7,7 @@ depend on Pyro's global validation flag: plates and supports are compared here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,6 +15,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer.enum import get_importance_trace
+from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 
@@ -26,6 +27,7 @@ __all__ = [
     "PairStructure",
     "SiteInfo",
     "bind_pair",
+    "frames_subsample_factor",
     "inspect_pair",
     "subsample_factor",
     "sum_except",
@@ -107,10 +109,15 @@ def _distribution_name(fn: Any) -> str:
 
 def subsample_factor(site: dict) -> float:
     """N / m for each subsampled plate around ``site``, multiplied: the scale Pyro adds."""
+    return frames_subsample_factor(site["cond_indep_stack"])
+
+
+def frames_subsample_factor(frames: Iterable[CondIndepStackFrame]) -> float:
+    """prod over ``frames`` of full size / subsample size (1 for a plate not subsampled)."""
     factor = 1.0
-    for frame in site["cond_indep_stack"]:
-        if frame.full_size is not None and frame.size and frame.full_size != frame.size:
-            factor *= frame.full_size / frame.size
+    for frame in frames:
+        if frame.full_size is not None and frame.size not in (None, 0, -1):
+            factor *= float(frame.full_size) / float(frame.size)
     return factor
 
 
