@@ -302,7 +302,7 @@ def _betas(text: str) -> tuple[float, ...]:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ppl_vae.cli import set_threads, vae_config_from_args
+    from ppl_vae.options import set_threads, vae_config_from_args
     from ppl_vae.train import TrainConfig
 
     set_threads(args.threads)
@@ -348,7 +348,7 @@ def add_parser(subparsers: Any) -> None:
     """Add the ``sweep`` subcommand to ``subparsers`` (from ``add_subparsers``); its handler
     is ``args.handler(args) -> int``."""
     # The train command's data and model flags, and its parser of thread counts.
-    from ppl_vae.cli import THREADS_HELP, add_model_arguments, thread_count
+    from ppl_vae.options import THREADS_HELP, add_model_arguments, thread_count
 
     sweep = subparsers.add_parser(
         "sweep",

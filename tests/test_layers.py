@@ -1,0 +1,95 @@
+"""The package's imports point one way: no module imports, even inside a function, a module
+that imports it back (directly or through others)."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"ppl_vae": ROOT / "ppl_vae", "ppl_vae.models": ROOT / "models",
+            "ppl_vae.guides": ROOT / "guides"}  # fmt: skip
+# What the pairs in models/ and guides/ may use: the ELBO layer and below, never training,
+# runs or commands.
+PAIR_LAYER = {"ppl_vae.beta", "ppl_vae.errors", "ppl_vae.fastmath"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.glob("*.py")):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return out
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """The package modules ``path`` imports anywhere in its text (module or function level)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # ``from ppl_vae import report`` imports the submodule, not the package's API.
+            subs = [f"{node.module}.{alias.name}" for alias in node.names]
+            names = subs + [node.module] * any(sub not in known for sub in subs)
+        else:
+            continue
+        found |= {name for name in names if name in known}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    # The package's __init__ re-exports the public API: it sits above everything, so edges
+    # into it (``from ppl_vae import x``) are the cycle this test is about.
+    return {name: _imports(path, known) - {name} for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, as a path that returns to its start, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles():
+    graph = {k: v - {"ppl_vae", "ppl_vae.models", "ppl_vae.guides"} for k, v in _graph().items()}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_the_detector_finds_a_cycle():
+    # The check of the check: a made-up graph with a cycle through three modules.
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_pairs_use_only_the_elbo_layer():
+    graph = _graph()
+    for name, imports in graph.items():
+        if name.startswith(("ppl_vae.models.", "ppl_vae.guides.")):
+            upward = {
+                m for m in imports if not m.startswith(("ppl_vae.models", "ppl_vae.guides"))
+            } - PAIR_LAYER
+            assert not upward, f"{name} imports {sorted(upward)}"
+
+
+def test_library_modules_do_not_import_the_package_api():
+    # ``from ppl_vae import x`` inside the library would make __init__ a hidden hub.
+    for name, imports in _graph().items():
+        if name != "ppl_vae":
+            assert "ppl_vae" not in imports, name
