@@ -81,7 +81,8 @@ def kl_per_dimension(mu: Tensor, log_var: Tensor) -> Tensor:
         raise ValueError(
             f"mu and log_var must both be (N, z), got {tuple(mu.shape)} and {tuple(log_var.shape)}"
         )
-    kl = 0.5 * (mu.square() + log_var.exp() - log_var - 1.0)  # (N, z)
+    q = torch.distributions.Normal(mu, (0.5 * log_var).exp())
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0))  # (N, z)
     return kl.mean(dim=0)
 
 

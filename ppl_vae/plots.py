@@ -275,7 +275,9 @@ def _project(
     if kl_per_dim is None:
         if log_var is None:
             raise ValueError("the 'kl' projection needs log_var or kl_per_dim (or use 'pca')")
-        kl = 0.5 * (mu.square() + log_var.exp() - log_var - 1.0).mean(0)
+        from ppl_vae.diagnostics import kl_per_dimension
+
+        kl = kl_per_dimension(mu, log_var)
     else:
         kl = torch.as_tensor(list(kl_per_dim), dtype=torch.float64)
     top = torch.argsort(kl, descending=True)[:2].tolist()
@@ -365,7 +367,8 @@ def gaussian_kl_figure(
     mu = torch.linspace(-mu_max, mu_max, n, dtype=torch.float64)
     sigma = torch.linspace(sigma_max / n, sigma_max, n, dtype=torch.float64)
     m, s = torch.meshgrid(mu, sigma, indexing="xy")
-    kl = 0.5 * (m.square() + s.square() - 1.0) - s.log()
+    normal = torch.distributions.Normal
+    kl = torch.distributions.kl_divergence(normal(m, s), normal(0.0, 1.0))
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
     image = ax.pcolormesh(
         m.numpy(), s.numpy(), torch.log10(kl + 1e-3).numpy(), cmap="viridis", shading="auto"
