@@ -34,7 +34,6 @@ import os
 import random
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from pyro.distributions import constraints
 from pyro.params import param_with_module_name
 from torch import Tensor, nn
 
+from ppl_vae.atomic import write_atomically
 from ppl_vae.errors import CheckpointError, CheckpointWriteError
 
 __all__ = [
@@ -470,7 +470,7 @@ def save_checkpoint(
         payload = safetensors.torch.save(tensors, meta)
     except (TypeError, ValueError, safetensors.SafetensorError) as exc:
         raise CheckpointError(f"cannot encode checkpoint {path}: {exc}") from exc
-    _write_atomically(path, payload)
+    write_atomically(path, payload, what="checkpoint", error=CheckpointWriteError)
     return path
 
 
@@ -483,32 +483,6 @@ def _digest(text: str, data: bytes) -> str:
     digest = hashlib.sha256(text.encode("utf-8"))
     digest.update(data)
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    folder = path.parent
-    tmp_name = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            dir=folder, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp_name = handle.name
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as exc:
-        raise CheckpointWriteError(
-            f"cannot write checkpoint {path}: {exc.strerror or exc} "
-            f"({type(exc).__name__}); check that {folder} exists, is a writable folder and "
-            "has free space. Any previous checkpoint under that name is unchanged."
-        ) from exc
-    finally:  # also on KeyboardInterrupt: no temporary file stays behind
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-    _fsync_folder(folder)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
@@ -527,21 +501,6 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
                 candidate.unlink()
                 removed.append(candidate)
     return sorted(removed)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable; some systems cannot open or fsync a folder, which is then
-    not an error: the file itself is complete on disk."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------

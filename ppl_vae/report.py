@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ppl_vae.atomic import write_atomically
+
 __all__ = ["REPORT_DIR", "add_parser", "interpolate", "write_report"]
 
 REPORT_DIR = "report"
@@ -275,7 +277,7 @@ def _sweep_report(path: Path, out_dir: Path, *, runs: bool, options: dict[str, A
         f"<pre>{html.escape(format_table(rows))}</pre>",
     ]
     index = out_dir / "index.html"
-    index.write_text(_page(f"Beta sweep: {path.name}", body))
+    write_atomically(index, _page(f"Beta sweep: {path.name}", body))
     return index
 
 
@@ -532,7 +534,7 @@ def _run_report(
             heading = title
         body.append(_figure(name, caption))
     index = out_dir / "index.html"
-    index.write_text(_page(f"Run report: {path.name}", body))
+    write_atomically(index, _page(f"Run report: {path.name}", body))
     return index
 
 

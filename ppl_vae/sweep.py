@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ppl_vae.atomic import write_atomically
+
 if TYPE_CHECKING:  # imported where used: the CLI builds its parser without them
     from matplotlib.figure import Figure
 
@@ -219,12 +221,6 @@ def run_sweep(
     return rows
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_sweep(
     out: str | os.PathLike[str], rows: Sequence[SweepRow], *, meta: dict[str, Any] | None = None
 ) -> list[Path]:
@@ -238,9 +234,9 @@ def write_sweep(
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if v is None else v for k, v in row.to_dict().items()})
-    _write_text(out / "sweep.csv", buffer.getvalue())
+    write_atomically(out / "sweep.csv", buffer.getvalue())
     document = {**(meta or {}), "rows": [row.to_dict() for row in rows]}
-    _write_text(out / SWEEP_FILE, json.dumps(document, indent=1, allow_nan=False) + "\n")
+    write_atomically(out / SWEEP_FILE, json.dumps(document, indent=1, allow_nan=False) + "\n")
     figure = save(sweep_figure(rows), out / "rate_distortion.png")
     return [out / "sweep.csv", out / SWEEP_FILE, figure]
 

@@ -54,7 +54,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -73,6 +72,7 @@ from pyro.infer import ELBO, SVI
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ppl_vae.atomic import write_atomically
 from ppl_vae.beta import FreeBits
 from ppl_vae.checkpoint import (
     Checkpoint,
@@ -366,31 +366,11 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically: a reader sees the old file or the new one.
+    """Replace ``path`` by ``text`` atomically (:func:`ppl_vae.atomic.write_atomically`).
 
     :raises WriteError: when it cannot be written (the old file is then unchanged).
     """
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp = handle.name
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise WriteError(
-            f"cannot write {path}: {exc.strerror or exc} ({type(exc).__name__}); check that "
-            f"{path.parent} is a writable folder with free space. The previous file under "
-            "that name is unchanged."
-        ) from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    write_atomically(path, text)
 
 
 def _json_number(value: Any) -> Any:
