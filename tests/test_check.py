@@ -1,5 +1,6 @@
 """check_pair on pairs it has never seen, and the clear errors for pairs that do not line up."""
 
+import itertools
 import math
 
 import pyro
@@ -58,13 +59,53 @@ def test_dependent_categorical_and_bernoulli_sites():
 
 
 def test_kl_terms_of_a_dependent_pair_match_brute_force():
-    # Per-site KL terms are expected conditional KLs; their sum is KL(q(a, z) || p(a, z)),
-    # computed here from the brute-force table of log q and log p(a, z) = log p(x, a, z) -
-    # log p(x | a, z).
-    table = enumerate_joint(chain_model, chain_guide, X)
+    # Per-site KL terms are expected conditional KLs, summed here over all 3 x 2^4 values of
+    # (a, z_1..z_4) with the numbers of chain_model and chain_guide written out:
+    #   KL_a = E_q[log q(a) - log p(a)],
+    #   KL_z = E_q(a)[sum_i E_q(z_i | a)[log q(z_i | a, x_i) - log p(z_i | a)]].
+    prior_a, prior_z = [0.2, 0.5, 0.3], [0.1, 0.5, 0.9]
+    q_a, table, slope = [0.3, 0.3, 0.4], [0.3, 0.6, 0.7], 0.8
+    x = X.tolist()
+    kl_a = kl_z = elbo = 0.0
+    log_px_terms = []
+    for a, *z in itertools.product(range(3), *[(0, 1)] * len(x)):
+        q_z = []
+        for xi in x:
+            logit = math.log(table[a] / (1 - table[a])) + slope * xi
+            q_z.append(1 / (1 + math.exp(-logit)))
+        log_q_a = math.log(q_a[a])
+        log_q_z = [math.log(qi if zi else 1 - qi) for qi, zi in zip(q_z, z, strict=True)]
+        log_p_z = [math.log(prior_z[a] if zi else 1 - prior_z[a]) for zi in z]
+        log_lik = sum(
+            -0.5 * ((xi - (1.5 if zi else -1.0)) / 0.8) ** 2
+            - math.log(0.8 * math.sqrt(2 * math.pi))
+            for xi, zi in zip(x, z, strict=True)
+        )
+        weight = math.exp(log_q_a + sum(log_q_z))  # q(a, z)
+        kl_a += weight * (log_q_a - math.log(prior_a[a]))
+        kl_z += weight * (sum(log_q_z) - sum(log_p_z))
+        log_joint = math.log(prior_a[a]) + sum(log_p_z) + log_lik
+        elbo += weight * (log_joint - log_q_a - sum(log_q_z))
+        log_px_terms.append(log_joint)
+    top = max(log_px_terms)
+    log_px = top + math.log(sum(math.exp(v - top) for v in log_px_terms))
+    assert len(log_px_terms) == 48
+
     ledger = elbo_ledger(chain_model, chain_guide, X)
-    assert table.elbo() == pytest.approx(ledger.elbo, abs=1e-5)
-    assert table.log_evidence == pytest.approx(exact_log_evidence(chain_model, X), abs=1e-5)
+    store = pyro.get_param_store()
+    assert store["probs_a"].tolist() == pytest.approx(q_a)  # the guide's values, unchanged
+    assert store["table"].tolist() == pytest.approx(table)
+    assert store["slope"].item() == pytest.approx(slope)
+    # float32 sums of 48 terms of order 1: 1e-5.
+    assert ledger.term("a").value == pytest.approx(kl_a, abs=1e-5)
+    assert ledger.term("z").value == pytest.approx(kl_z, abs=1e-5)
+    assert kl_a > 0.01 and kl_z > 0.01  # both terms are non-trivial
+    assert ledger.kl == pytest.approx(kl_a + kl_z, abs=1e-5)
+    assert ledger.elbo == pytest.approx(elbo, abs=1e-5)
+    assert ledger.reconstruction == pytest.approx(elbo + kl_a + kl_z, abs=1e-5)
+    table_ = enumerate_joint(chain_model, chain_guide, X)
+    assert table_.elbo() == pytest.approx(elbo, abs=1e-5)
+    assert exact_log_evidence(chain_model, X) == pytest.approx(log_px, abs=1e-5)
 
 
 @pytest.mark.parametrize("beta", [0.5, 4.0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pyro
 import pytest
@@ -112,14 +113,20 @@ def test_svi_step_conv(likelihood):
 
 
 def test_vectorised_particles_match_sequential_mean():
-    """With the guide's sample fixed per particle, the vectorised loss is a particle mean."""
+    """The vectorised 64-particle loss and the mean of 64 one-particle losses estimate the same
+    expectation. Each is a mean of 64 i.i.d. particles of s.d. sd (estimated from the
+    one-particle losses), so their difference has s.e. at most sqrt(2) sd / 8 (less if the
+    shared seed correlates their draws): |difference| < 4 of these fails with p < 7e-5."""
     model, guide, _, _ = _pair("bernoulli")
     x = _data("bernoulli")
     pyro.set_rng_seed(1)
     vec = Trace_ELBO(num_particles=64, vectorize_particles=True).loss(model, guide, x)
     pyro.set_rng_seed(1)
-    seq = Trace_ELBO(num_particles=64).loss(model, guide, x)
-    assert vec == pytest.approx(seq, rel=0.05)
+    single = torch.tensor([Trace_ELBO().loss(model, guide, x) for _ in range(64)])
+    sd = float(single.std())
+    assert sd > 0
+    se = math.sqrt(2) * sd / math.sqrt(64)
+    assert abs(vec - float(single.mean())) < 4 * se, (vec, float(single.mean()), se)
 
 
 # ------------------------------------------------------------------ beta
