@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae.beta import LinearWarmup
-from ppl_vae.experiment import VAEConfig
-from ppl_vae.run import evaluate_run, train_run
-from ppl_vae.train import TrainConfig
+from ppl_vae.elbo.beta import LinearWarmup
+from ppl_vae.runs.folder import evaluate_run, train_run
+from ppl_vae.training.loop import TrainConfig
+from ppl_vae.vae.config import VAEConfig
 
 PUBLISHED = -228.70  # Exemplar VAE paper, VAE with a standard Gaussian prior (nats)
 

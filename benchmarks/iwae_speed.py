@@ -7,13 +7,13 @@ default. The networks are briefly trained first (one epoch of the hand-written t
 the 60,000 training images, ``--train-epochs``), so that the bounds are those of a real model.
 Configurations:
 
-- ``evaluate``: ``ppl_vae.evaluate.evaluate`` with its defaults (ELBO, IWAE and the latent
+- ``evaluate``: ``ppl_vae.runs.evaluate.evaluate`` with its defaults (ELBO, IWAE and the latent
   diagnostics; for the VAE pair it may compute the bound without Pyro traces);
   ``evaluate-generic``: the same with ``fast_iwae=False``, the bound through Pyro traces;
-- ``vae-iwae``: ``ppl_vae.evidence.vae_iwae`` alone, the bound ``evaluate`` computes for the
+- ``vae-iwae``: ``ppl_vae.vae.iwae.vae_iwae`` alone, the bound ``evaluate`` computes for the
   VAE pair (encoder once per image, the decoder's body then its linear head summed with the
   Bernoulli term rearranged as in ``handwritten-fused``), with its default chunks;
-- ``evidence``: ``ppl_vae.evidence.iwae_log_evidence`` on batches of ``--batch`` images with
+- ``evidence``: ``ppl_vae.elbo.evidence.iwae_log_evidence`` on batches of ``--batch`` images with
   its default chunk of 100 samples; ``evidence-novalidate`` is the same with Pyro's argument
   and support checks off (``pyro.enable_validation(False)``);
 - ``handwritten``: streaming PyTorch: the encoder once per batch, the decoder on
@@ -62,11 +62,12 @@ from _common import (
     timed,
 )
 
-from ppl_vae.evaluate import evaluate
-from ppl_vae.evidence import iwae_log_evidence, vae_iwae
+from ppl_vae.elbo.evidence import iwae_log_evidence
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
-from ppl_vae.networks import make_networks
+from ppl_vae.runs.evaluate import evaluate
+from ppl_vae.vae.iwae import vae_iwae
+from ppl_vae.vae.networks import make_networks
 
 X_DIM, HIDDEN, Z_DIM = 784, 400, 20
 IMAGE_SHAPE = (1, 28, 28)
@@ -265,13 +266,16 @@ def main(args: argparse.Namespace) -> None:
         }
 
     configs = {
-        "evaluate": ("ppl_vae.evaluate.evaluate (ELBO + IWAE + diagnostics)", run_evaluate),
+        "evaluate": ("ppl_vae.runs.evaluate.evaluate (ELBO + IWAE + diagnostics)", run_evaluate),
         "evaluate-generic": (
             "evaluate(fast_iwae=False): IWAE through Pyro traces",
             run_evaluate_generic,
         ),
-        "vae-iwae": ("ppl_vae.evidence.vae_iwae (the bound alone)", run_vae_iwae),
-        "evidence": (f"ppl_vae.evidence.iwae_log_evidence, batches of {args.batch}", run_evidence),
+        "vae-iwae": ("ppl_vae.vae.iwae.vae_iwae (the bound alone)", run_vae_iwae),
+        "evidence": (
+            f"ppl_vae.elbo.evidence.iwae_log_evidence, batches of {args.batch}",
+            run_evidence,
+        ),
         "evidence-novalidate": (
             "iwae_log_evidence, Pyro validation off",
             run_evidence_novalidate,

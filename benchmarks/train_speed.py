@@ -2,13 +2,13 @@
 
 Every row trains a VAE with a Bernoulli likelihood on dynamically binarised Fashion-MNIST (a
 fresh binary draw of each grey image per batch) over the 60,000 training images (the train and
-validation splits of ``ppl_vae.data`` together: ``validation_size=0``), with Adam at 1e-3. The
-network is the 784-400-20 MLP with ReLU at batch 128 unless a row says otherwise. Rows:
+validation splits of ``ppl_vae.data.datasets`` together: ``validation_size=0``), with Adam at
+1e-3. The network is the 784-400-20 MLP with ReLU at batch 128 unless a row says otherwise. Rows:
 
 1. ``gemm``: the compute bound, the matrix products of one step alone (forward and backward
    of encoder and decoder, timed with ``torch.mm`` on the exact shapes), times steps per epoch;
 2. ``torch``: hand-written PyTorch, the baseline (ratio 1.00): data in memory, batches by slicing
-   a permutation, ``ppl_vae.networks`` encoder and decoder, BCE-with-logits (sum) plus the
+   a permutation, ``ppl_vae.vae.networks`` encoder and decoder, BCE-with-logits (sum) plus the
    closed-form KL, ``torch.optim.Adam``;
 3. ``examples``: the pipeline of pytorch/examples' ``vae/main.py``: a torchvision-style dataset
    that turns each uint8 image into a PIL image and a tensor per item, a DataLoader (batch 128,
@@ -20,7 +20,7 @@ network is the 784-400-20 MLP with ReLU at batch 128 unless a row says otherwise
 5. ``svi``: Pyro SVI + Trace_ELBO with the ppl-vae model/guide pair, batches in memory;
 6. ``svi-meanfield``: the same with TraceMeanField_ELBO (closed-form KL);
 7. ``svi-jit``: the same with JitTrace_ELBO (drops the last, partial batch);
-8. ``fit``: ``ppl_vae.train.fit`` with its default ELBO and engine, one call per epoch, the
+8. ``fit``: ``ppl_vae.training.loop.fit`` with its default ELBO and engine, one call per epoch, the
    epoch time read from its history; ``fit-val`` validates on the 10,000 test images after
    every epoch and reports the epoch time with validation; ``fit-jit`` uses
    ``elbo="jit-meanfield"`` with the data checked once, as ``ppl-vae train --elbo jit-meanfield``
@@ -88,10 +88,10 @@ from _common import (
     timed,
 )
 
-from ppl_vae.experiment import VAEConfig, build_vae
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
-from ppl_vae.networks import make_networks
+from ppl_vae.vae.config import VAEConfig, build_vae
+from ppl_vae.vae.networks import make_networks
 
 X_DIM, HIDDEN, Z_DIM, BATCH, LR = 784, 400, 20, 128, 1e-3
 IMAGE_SHAPE = (1, 28, 28)
@@ -212,7 +212,7 @@ def handwritten_loss(encoder: nn.Module, decoder: nn.Module, x: Tensor) -> Tenso
 
 
 class MemoryRow(Row):
-    """Networks from ``ppl_vae.networks`` (the same initial weights in every such row) and
+    """Networks from ``ppl_vae.vae.networks`` (the same initial weights in every such row) and
     batches in memory."""
 
     drop_last = False
@@ -543,7 +543,7 @@ class PyroSVI(PyroRow, MemoryRow):
 
 
 class FitRow(PyroRow, MemoryRow):
-    """``ppl_vae.train.fit`` on the VAE of ``ppl_vae.experiment.build_vae``, one call per
+    """``ppl_vae.training.loop.fit`` on the VAE of ``ppl_vae.vae.config.build_vae``, one call per
     epoch (so that rows interleave; each call starts a new Adam), timed by its history."""
 
     def __init__(
@@ -572,7 +572,7 @@ class FitRow(PyroRow, MemoryRow):
         self.seed = seed
 
     def _fit(self, images: Tensor, seed: int, validation: Tensor | None) -> dict:
-        from ppl_vae.train import TrainConfig, fit
+        from ppl_vae.training.loop import TrainConfig, fit
 
         extra = {} if self.elbo is None else {"elbo": self.elbo}
         if self.precision is not None:
@@ -628,16 +628,16 @@ def all_rows() -> list[Row]:
         PyroSVI("svi", Trace_ELBO, "Pyro SVI + Trace_ELBO, in memory"),
         PyroSVI("svi-meanfield", TraceMeanField_ELBO, "Pyro SVI + TraceMeanField_ELBO, in memory"),
         PyroSVI("svi-jit", JitTrace_ELBO, "Pyro SVI + JitTrace_ELBO, in memory"),
-        FitRow("fit", "ppl_vae.train.fit (defaults)", "default elbo, engine, step kwargs"),
+        FitRow("fit", "ppl_vae.training.loop.fit (defaults)", "default elbo, engine, step kwargs"),
         FitRow(
             "fit-val",
-            "ppl_vae.train.fit, validation on",
+            "ppl_vae.training.loop.fit, validation on",
             "epoch incl. validation on the 10,000 test images",
             validation=True,
         ),
         FitRow(
             "fit-jit",
-            "ppl_vae.train.fit, elbo=jit-meanfield",
+            "ppl_vae.training.loop.fit, elbo=jit-meanfield",
             "as `ppl-vae train --elbo jit-meanfield` calls it (data checked once); "
             "two traces per call (batch 128 and the last 96)",
             elbo="jit-meanfield",
@@ -647,7 +647,7 @@ def all_rows() -> list[Row]:
         TorchBaseline(autocast=True),
         FitRow(
             "fit-bf16",
-            "ppl_vae.train.fit, precision=bfloat16",
+            "ppl_vae.training.loop.fit, precision=bfloat16",
             "mixed precision (torch.autocast); data checked once, as `ppl-vae train "
             "--precision bfloat16` runs it",
             precision="bfloat16",
@@ -812,7 +812,7 @@ def particle_sweep(
     """Seconds per ``n_images`` (scaled to an epoch) of ``fit`` with ``num_particles`` = K,
     vectorised, and of a hand-written vectorised loop, interleaved over K; ratios to K = 1.
     On the CPU the times are CPU seconds of the whole fit call, else wall-clock seconds."""
-    from ppl_vae.train import TrainConfig, fit
+    from ppl_vae.training.loop import TrainConfig, fit
 
     use_cpu_time = device.type == "cpu"  # steadier on a shared machine (see timed())
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from ppl_vae.experiment import VAEConfig
-from ppl_vae.run import evaluate_run, train_run
-from ppl_vae.train import TrainConfig
+from ppl_vae.runs.folder import evaluate_run, train_run
+from ppl_vae.training.loop import TrainConfig
+from ppl_vae.vae.config import VAEConfig
 
 
 def main(args: argparse.Namespace) -> None:

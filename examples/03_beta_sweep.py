@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppl_vae.experiment import VAEConfig
-from ppl_vae.report import write_report
-from ppl_vae.sweep import format_table, parse_betas, run_sweep
-from ppl_vae.train import TrainConfig
+from ppl_vae.runs.report import write_report
+from ppl_vae.runs.sweep import format_table, parse_betas, run_sweep
+from ppl_vae.training.loop import TrainConfig
+from ppl_vae.vae.config import VAEConfig
 
 
 def main(args: argparse.Namespace) -> None:

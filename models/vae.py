@@ -21,9 +21,9 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ppl_vae.beta import kl_scale
+from ppl_vae.elbo.beta import kl_scale
+from ppl_vae.elbo.fastmath import BernoulliLogits
 from ppl_vae.errors import DataError
-from ppl_vae.fastmath import BernoulliLogits
 
 __all__ = [
     "BINARY_FIX",

@@ -3,7 +3,12 @@
 ELBO = E_q[log p(x | z)] - KL(q(z | x) || p(z)) <= log p(x), with gap KL(q(z | x) || p(z | x)).
 """
 
-from ppl_vae.check import CheckReport, check_pair
+from ppl_vae.elbo.check import CheckReport, check_pair
+from ppl_vae.elbo.evidence import IWAEEstimate, exact_log_evidence, iwae_log_evidence
+from ppl_vae.elbo.gradcheck import EstimatorComparison, GradientCheck
+from ppl_vae.elbo.ledger import Ledger, SiteTerm, elbo_ledger
+from ppl_vae.elbo.objectives import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
+from ppl_vae.elbo.posterior import JointTable, PosteriorTable, enumerate_joint
 from ppl_vae.errors import (
     ArgumentError,
     CheckpointError,
@@ -21,13 +26,9 @@ from ppl_vae.errors import (
     UserFileError,
     WriteError,
 )
-from ppl_vae.evaluate import Evaluation, evaluate
-from ppl_vae.evidence import IWAEEstimate, exact_log_evidence, iwae_log_evidence, vae_iwae
-from ppl_vae.gradcheck import EstimatorComparison, GradientCheck
-from ppl_vae.ledger import Ledger, SiteTerm, elbo_ledger
-from ppl_vae.objectives import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
-from ppl_vae.posterior import JointTable, PosteriorTable, enumerate_joint
-from ppl_vae.train import History, TrainConfig, fit
+from ppl_vae.runs.evaluate import Evaluation, evaluate
+from ppl_vae.training.loop import History, TrainConfig, fit
+from ppl_vae.vae.iwae import vae_iwae
 
 __all__ = [
     "IWAE_ELBO",

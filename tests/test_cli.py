@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from ppl_vae.cli import load_callable, load_data, main
+from ppl_vae.cli.commands import load_callable, load_data, main
 
 USER_PAIR = textwrap.dedent(
     """
@@ -50,7 +50,7 @@ def test_check_through_the_installed_command(tmp_path):
         [
             sys.executable,
             "-m",
-            "ppl_vae.cli",
+            "ppl_vae.cli.commands",
             "check",
             "ppl_vae.models.binary_toy:model",
             "ppl_vae.guides.binary_toy:guide",

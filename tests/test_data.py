@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae import data
+from ppl_vae.data import datasets as data
 from ppl_vae.errors import DataError, DatasetNotFoundError
 
 N_TRAIN = 30

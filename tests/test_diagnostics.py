@@ -11,7 +11,11 @@ from torch import nn
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from ppl_vae import elbo_ledger
-from ppl_vae.diagnostics import (
+from ppl_vae.guides import linear_gaussian as lg_guide
+from ppl_vae.models import linear_gaussian as lg_model
+from ppl_vae.runs.toy import toy_elbo_curve
+from ppl_vae.training.loop import History
+from ppl_vae.vae.diagnostics import (
     MIN_RATE,
     RateDistortion,
     active_units,
@@ -21,11 +25,7 @@ from ppl_vae.diagnostics import (
     kl_per_dimension,
     posterior_moments,
     rate_distortion,
-    toy_elbo_curve,
 )
-from ppl_vae.guides import linear_gaussian as lg_guide
-from ppl_vae.models import linear_gaussian as lg_model
-from ppl_vae.train import History
 
 N, D, Z = 200, 6, 3
 

@@ -16,14 +16,14 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
-from ppl_vae import data
+from ppl_vae.data import datasets as data
 from ppl_vae.errors import DataError
-from ppl_vae.evaluate import FLOAT_BUDGET, Evaluation, _sizes, evaluate
 from ppl_vae.guides import linear_gaussian as lg_guide
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import linear_gaussian as lg_model
 from ppl_vae.models import vae
-from ppl_vae.networks import make_networks
+from ppl_vae.runs.evaluate import FLOAT_BUDGET, Evaluation, _sizes, evaluate
+from ppl_vae.vae.networks import make_networks
 
 KS = (1, 10, 100)
 N_TEST = 100

@@ -24,8 +24,8 @@ from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.optim import Adam
 
+from ppl_vae.elbo.objectives import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
 from ppl_vae.errors import EstimatorError, ModelGuideMismatchError
-from ppl_vae.objectives import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
 
 S = 0.8  # likelihood s.d.
 X = torch.tensor([1.2, -0.7, 0.3, 2.1, -1.5, 0.05], dtype=torch.float64)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ppl_vae import plots
-from ppl_vae.beta import LinearWarmup
+from ppl_vae.elbo.beta import LinearWarmup
+from ppl_vae.runs import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

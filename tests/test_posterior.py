@@ -22,10 +22,10 @@ import torch
 from pyro import poutine
 
 from ppl_vae import JointTable, enumerate_joint
+from ppl_vae.elbo.posterior import PosteriorTable
 from ppl_vae.errors import ModelGuideMismatchError, NotEnumerableError
 from ppl_vae.guides import binary_toy as toy_guide
 from ppl_vae.models import binary_toy
-from ppl_vae.posterior import PosteriorTable
 
 TOL = 1e-5  # see the module docstring
 

@@ -1,7 +1,7 @@
 """Reliability: exact resume after SIGKILL, atomic saves, safe loading, clear errors, the NaN
 guard, signals and the configuration guard.
 
-The kill-and-resume tests run the ``ppl-vae`` command (``ppl_vae.cli.main``) in processes
+The kill-and-resume tests run the ``ppl-vae`` command (``ppl_vae.cli.commands.main``) in processes
 forked from one driver that has imported everything once, so that a dozen killed and resumed
 runs take seconds; one test runs the installed console script end to end as well.
 """
@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 import ppl_vae
-from ppl_vae import data
-from ppl_vae.checkpoint import load_checkpoint, restore
-from ppl_vae.cli import main
+from ppl_vae.checkpoint.format import load_checkpoint, restore
+from ppl_vae.cli.commands import main
+from ppl_vae.data import datasets as data
 from ppl_vae.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -44,8 +44,8 @@ from ppl_vae.errors import (
 )
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
-from ppl_vae.networks import make_networks
-from ppl_vae.train import TrainConfig, fit
+from ppl_vae.training.loop import TrainConfig, fit
+from ppl_vae.vae.networks import make_networks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,12 +77,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: F401  (imported once here, not in every run)
 import sklearn.datasets  # noqa: F401
 
-import ppl_vae.run
-from ppl_vae import cli
-
+import ppl_vae.runs.folder
+from ppl_vae.cli import commands as cli
 args, root, plan = json.loads(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 # The figures are not part of what is compared; the end-to-end test draws them.
-ppl_vae.run.write_figures = lambda run, **kwargs: []
+ppl_vae.runs.folder.write_figures = lambda run, **kwargs: []
 
 
 def child(argv, trap, log):
@@ -209,7 +208,7 @@ def _plan() -> list[dict]:
 
 def _console() -> list[str]:
     script = Path(sys.executable).with_name("ppl-vae")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ppl_vae.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ppl_vae.cli.commands"]
 
 
 @pytest.fixture(scope="module")
@@ -824,8 +823,8 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae.checkpoint import load_checkpoint
-from ppl_vae.data import read_idx
+from ppl_vae.checkpoint.format import load_checkpoint
+from ppl_vae.data.datasets import read_idx
 from ppl_vae.errors import CheckpointError, DataError
 from ppl_vae.models.vae import check_data
 

@@ -6,13 +6,13 @@ import re
 import pytest
 import torch
 
-from ppl_vae import report
-from ppl_vae.experiment import VAEConfig
+from ppl_vae.cli import report as report_command
 from ppl_vae.models import vae as vae_model
-from ppl_vae.report import interpolate, write_report
-from ppl_vae.run import load_run
-from ppl_vae.sweep import run_sweep
-from ppl_vae.train import TrainConfig
+from ppl_vae.runs.folder import load_run
+from ppl_vae.runs.report import interpolate, write_report
+from ppl_vae.runs.sweep import run_sweep
+from ppl_vae.training.loop import TrainConfig
+from ppl_vae.vae.config import VAEConfig
 
 SMALL = {"iwae_k": 20, "iwae_images": 10, "latent_images": 100}
 
@@ -77,7 +77,7 @@ def test_sweep_report_links_each_run(sweep_dir):
 
 def test_report_command(sweep_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="ppl-vae")
-    report.add_parser(parser.add_subparsers(dest="command", required=True))
+    report_command.add_parser(parser.add_subparsers(dest="command", required=True))
     flags = ["--iwae-k", "10", "--iwae-images", "5", "--latent-images", "50"]
     args = parser.parse_args(["report", str(sweep_dir / "beta=1"), "--out", str(tmp_path), *flags])
     assert args.handler(args) == 0

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from ppl_vae import sweep
-from ppl_vae.run import load_run
-from ppl_vae.sweep import SWEEP_COLUMNS, SweepRow, format_table, parse_betas, read_sweep
+from ppl_vae.cli import sweep as sweep_command
+from ppl_vae.runs.folder import load_run
+from ppl_vae.runs.sweep import SWEEP_COLUMNS, SweepRow, format_table, parse_betas, read_sweep
 
 TINY = [
     "--dataset",
@@ -71,7 +71,7 @@ def _surgery_reference(mu, scale, pad=8.0, points_per_sd=3):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl-vae")
-    sweep.add_parser(parser.add_subparsers(dest="command", required=True))
+    sweep_command.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

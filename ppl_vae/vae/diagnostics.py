@@ -8,8 +8,7 @@
   with no active unit is posterior collapse: the decoder ignores z (:func:`collapse_warning`).
 - ELBO surgery (Hoffman & Johnson 2016): E_x KL(q(z | x) || p(z)) = I_q(x; z) + KL(q(z) || p(z)),
   q(z) = (1/N) sum_n q(z | x_n) the aggregate posterior (:func:`elbo_surgery`).
-- The IWAE bound against K, from 1 (the ELBO) up (:func:`iwae_curve`), and the exact ELBO of the
-  binary toy against its guide's q(z=1 | x=1) (:func:`toy_elbo_curve`).
+- The IWAE bound against K, from 1 (the ELBO) up (:func:`iwae_curve`).
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ __all__ = [
     "kl_per_dimension",
     "posterior_moments",
     "rate_distortion",
-    "toy_elbo_curve",
 ]
 
 ACTIVE_THRESHOLD = 0.01
@@ -165,12 +163,13 @@ def rate_distortion(source: Any, *, n_items: int = 1) -> RateDistortion | list[R
 
     ``source`` is one of:
 
-    - a training history (:class:`ppl_vae.train.History`, or its rows as read from
+    - a training history (:class:`ppl_vae.training.loop.History`, or its rows as read from
       ``history.json``): one point per epoch, from ``val_kl`` and ``val_reconstruction``;
     - a mapping with ``rate`` and ``distortion`` (or ``kl`` and ``reconstruction``), such as
       ``evaluation.json``: one point;
     - an object with ``kl`` and ``reconstruction`` attributes: an
-      :class:`~ppl_vae.evaluate.Evaluation` (per image), or a :class:`~ppl_vae.ledger.Ledger`
+      :class:`~ppl_vae.runs.evaluate.Evaluation` (per image), or a
+      :class:`~ppl_vae.elbo.ledger.Ledger`
       (totals over the data passed: give their number as ``n_items``): one point.
     """
     if n_items < 1:
@@ -377,7 +376,7 @@ def iwae_curve(
     :param seed: seeds torch for the draws (the caller's random state is restored); ``None``
         draws from the global state as it is.
     """
-    from ppl_vae.evidence import vae_log_weights
+    from ppl_vae.vae.iwae import vae_log_weights
 
     ks = tuple(sorted({int(k) for k in ks}))
     if not ks or ks[0] < 1:
@@ -438,42 +437,3 @@ def iwae_curve(
         n_images=n,
         num_samples=k_max,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# The binary toy's exact ELBO against q
-# --------------------------------------------------------------------------------------------
-
-
-def toy_elbo_curve(qs: Iterable[float], x: float = 1.0) -> tuple[list[float], float]:
-    """The exact ELBO of the binary toy at ``x`` for each guide q(z=1 | x=1) in ``qs`` (each
-    in (0, 1)), and log p(x): ELBO(q) = log p(x) - KL(q || p(z | x)), tight at the posterior.
-
-    Enumeration (:func:`ppl_vae.elbo_ledger`) and :func:`ppl_vae.exact_log_evidence` on
-    ``models.binary_toy``; Pyro's param store is left as it was.
-    """
-    import pyro
-
-    from ppl_vae.evidence import exact_log_evidence
-    from ppl_vae.guides import binary_toy as toy_guide
-    from ppl_vae.ledger import elbo_ledger
-    from ppl_vae.models import binary_toy as toy_model
-
-    qs = [float(q) for q in qs]
-    bad = [q for q in qs if not 0.0 < q < 1.0]
-    if bad or not qs:
-        raise ValueError(f"each q must lie in the open interval (0, 1), got {bad or qs}")
-    data = torch.tensor(float(x))
-    store = pyro.get_param_store()
-    saved = store.get_state()  # a copy of the name -> tensor maps
-    try:
-        elbos = []
-        for q in qs:
-            toy_guide.initialise(q_given_x1=q, q_given_x0=1.0 - q)
-            elbos.append(elbo_ledger(toy_model.model, toy_guide.guide, data, exact=True).elbo)
-        log_px = exact_log_evidence(toy_model.model, data)
-    finally:
-        if toy_guide.PARAM_NAME not in saved["params"]:
-            del store[toy_guide.PARAM_NAME]
-        store.set_state(saved)
-    return elbos, log_px

@@ -27,17 +27,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppl_vae.diagnostics import (
+from ppl_vae.elbo.evidence import iwae_log_evidence
+from ppl_vae.elbo.ledger import sampled_site_terms
+from ppl_vae.elbo.pair import inspect_pair
+from ppl_vae.models.vae import check_data
+from ppl_vae.vae.diagnostics import (
     ACTIVE_THRESHOLD,
     active_units,
     collapse_warning,
     kl_per_dimension,
     posterior_moments,
 )
-from ppl_vae.evidence import iwae_log_evidence, vae_iwae
-from ppl_vae.ledger import sampled_site_terms
-from ppl_vae.models.vae import check_data
-from ppl_vae.pair import inspect_pair
+from ppl_vae.vae.iwae import vae_iwae
 
 __all__ = ["FLOAT_BUDGET", "Evaluation", "evaluate"]
 
@@ -121,7 +122,7 @@ class Evaluation:
 
     @property
     def collapse(self) -> str | None:
-        """The posterior-collapse warning of :func:`ppl_vae.diagnostics.collapse_warning`."""
+        """The posterior-collapse warning of :func:`ppl_vae.vae.diagnostics.collapse_warning`."""
         if self.active_units is None:
             return None
         return collapse_warning(self.rate, self.active_units)
@@ -293,8 +294,8 @@ def evaluate(
         ``None`` leaves the random state alone.
     :param progress: show a progress bar over the IWAE data batches.
     :param fast_iwae: for the Gaussian VAE pair, compute the IWAE bound without Pyro traces
-        (:func:`ppl_vae.evidence.vae_iwae`, several times faster); ``False`` always uses
-        :func:`ppl_vae.evidence.iwae_log_evidence`.
+        (:func:`ppl_vae.vae.iwae.vae_iwae`, several times faster); ``False`` always uses
+        :func:`ppl_vae.elbo.evidence.iwae_log_evidence`.
     """
     if iwae_samples < 1 or elbo_particles < 1:
         raise ValueError(
@@ -398,7 +399,7 @@ def _vae_networks(model: Callable, guide: Callable) -> dict[str, Any] | None:
 
 
 def _fast_iwae(networks: dict[str, Any], images: Tensor, k: int, progress: bool) -> Tensor:
-    """The VAE's IWAE bound without Pyro traces (same estimator; see ppl_vae.evidence)."""
+    """The VAE's IWAE bound without Pyro traces (same estimator; see ppl_vae.elbo.evidence)."""
     # 2,000 decoder rows per pass: big enough for efficient matrix products, small enough
     # (6 MB at D = 784) to reuse memory instead of faulting in fresh pages every pass.
     chunk = min(k, 100)

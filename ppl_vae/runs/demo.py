@@ -8,12 +8,12 @@ from pathlib import Path
 import pyro
 import torch
 
-from ppl_vae.check import CheckReport, check_pair, particle_sweep
+from ppl_vae.elbo.check import CheckReport, check_pair, particle_sweep
 from ppl_vae.errors import DatasetNotFoundError
-from ppl_vae.evaluate import Evaluation
 from ppl_vae.guides import binary_toy as toy_guide
 from ppl_vae.models import binary_toy as toy_model
-from ppl_vae.plots import particles_figure, save
+from ppl_vae.runs.evaluate import Evaluation
+from ppl_vae.runs.plots import particles_figure, save
 
 __all__ = ["binary_toy_demo", "vae_demo"]
 
@@ -56,9 +56,9 @@ def vae_demo(
     """Train a 784-400-20 Bernoulli VAE on dynamically binarised Fashion-MNIST for ``epochs``
     (about 30 s on 2 CPU cores for the default), then evaluate it on ``test_images``
     test images. Falls back to the 8x8 digits, saying so, when Fashion-MNIST is missing."""
-    from ppl_vae.experiment import VAEConfig
-    from ppl_vae.run import evaluate_run, train_run
-    from ppl_vae.train import TrainConfig
+    from ppl_vae.runs.folder import evaluate_run, train_run
+    from ppl_vae.training.loop import TrainConfig
+    from ppl_vae.vae.config import VAEConfig
 
     train_config = TrainConfig(epochs=epochs, seed=seed, progress=progress)
     run_dir = Path(out_dir) / "vae-fashion-mnist"

@@ -1,6 +1,6 @@
 """check_pair: validate a model/guide pair's sampled ELBO against exact values.
 
-The pair is bound to its data once (:func:`ppl_vae.pair.bind_pair`): one minibatch for every
+The pair is bound to its data once (:func:`ppl_vae.elbo.pair.bind_pair`): one minibatch for every
 estimator, and every checked quantity is computed on the beta = 1 pair without the
 subsampling factor, where the gap identity log p(x) - ELBO = KL(q(z | x) || p(z | x)) holds.
 Discrete guide sites are enumerated (``TraceEnum_ELBO``), continuous ones sampled; discrete
@@ -19,19 +19,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ppl_vae.errors import ArgumentError, NotEnumerableError, PairExecutionError
-from ppl_vae.evidence import IWAEEstimate, exact_log_evidence, iwae_log_evidence
-from ppl_vae.gradcheck import (
+from ppl_vae.elbo.evidence import IWAEEstimate, exact_log_evidence, iwae_log_evidence
+from ppl_vae.elbo.gradcheck import (
     EstimatorComparison,
     GradientCheck,
     check_gradients,
     compare_estimators,
     parse_estimators,
 )
-from ppl_vae.ledger import MARGINAL_TERM, Ledger, bound_ledger, elbo_ledger
-from ppl_vae.pair import BoundPair, bind_pair
-from ppl_vae.posterior import enumerate_joint
-from ppl_vae.psis import KHAT_UNRELIABLE, effective_sample_size, log_mean_exp_stderr, pareto_khat
+from ppl_vae.elbo.ledger import MARGINAL_TERM, Ledger, bound_ledger, elbo_ledger
+from ppl_vae.elbo.pair import BoundPair, bind_pair
+from ppl_vae.elbo.posterior import enumerate_joint
+from ppl_vae.elbo.psis import (
+    KHAT_UNRELIABLE,
+    effective_sample_size,
+    log_mean_exp_stderr,
+    pareto_khat,
+)
+from ppl_vae.errors import ArgumentError, NotEnumerableError, PairExecutionError
 
 __all__ = ["CheckReport", "SweepPoint", "check_pair", "particle_sweep"]
 
@@ -108,7 +113,7 @@ def check_pair(
     :param max_configurations: size limit of the brute-force posterior's truly joint part.
     :param gradients: also compare every parameter's sampled gradient with the exact one.
     :param estimators: also compare these estimators on the pair, e.g. ``("trace",
-        "iwae:10", "dreg:10")`` (see :func:`ppl_vae.gradcheck.parse_estimators`).
+        "iwae:10", "dreg:10")`` (see :func:`ppl_vae.elbo.gradcheck.parse_estimators`).
     :raises ArgumentError: for a particle or sample count below 2.
     """
     for name, value in (("num_particles", num_particles), ("iwae_samples", iwae_samples)):
@@ -435,7 +440,7 @@ def _format(report: CheckReport) -> str:
     if report.gradients:
         lines += ["", *map(str, report.gradients)]
     if report.comparisons:
-        from ppl_vae.gradcheck import format_comparisons
+        from ppl_vae.elbo.gradcheck import format_comparisons
 
         lines += ["", format_comparisons(report.comparisons)]
     return "\n".join(lines)

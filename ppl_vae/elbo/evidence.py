@@ -6,10 +6,6 @@ loss is -log p(x) (sum over the configurations of z, contracted plate by plate).
 IWAE (Burda et al. 2015): log p(x) >= E[log (1/K) sum_k p(x, z_k) / q(z_k | x)], z_k ~ q; the
 bound is non-decreasing in K and tends to log p(x). It factorises over every plate that holds
 all sites (e.g. the data plate of a VAE), giving one estimate per datapoint.
-
-For the Gaussian VAE pair, :func:`vae_iwae` computes the same bound without building Pyro
-traces: the encoder runs once per image, and each chunk of samples costs one decoder pass and
-closed-form Gaussian log-densities, so the decoder's matrix products dominate.
 """
 
 from __future__ import annotations
@@ -23,21 +19,20 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from pyro.poutine.messenger import Messenger
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from ppl_vae.errors import NotEnumerableError
-from ppl_vae.fastmath import bernoulli_log_prob, linear_bernoulli_log_prob
-from ppl_vae.pair import frames_subsample_factor, inspect_pair, sum_except, vectorized_traces
-from ppl_vae.psis import (
+from ppl_vae.elbo.pair import frames_subsample_factor, inspect_pair, sum_except, vectorized_traces
+from ppl_vae.elbo.psis import (
     KHAT_UNRELIABLE,
     ess_from_log_sums,
     pareto_khat_from_largest,
     pareto_tail_size,
     stderr_from_ess,
 )
+from ppl_vae.errors import NotEnumerableError
 
-__all__ = ["IWAEEstimate", "exact_log_evidence", "iwae_log_evidence", "vae_iwae", "vae_log_weights"]
+__all__ = ["IWAEEstimate", "exact_log_evidence", "iwae_log_evidence"]
 
 
 def _empty_guide(*args, **kwargs) -> None:
@@ -74,9 +69,10 @@ class IWAEEstimate:
     log((1/K) sum_k w_k) on unscaled weights: subsampling and ``poutine.scale`` change neither.
 
     Per item, shaped like ``per_item`` (float64, from all K weights; NaN when not given):
-    ``stderr_per_item`` the delta-method s.e. of the bound (:func:`ppl_vae.psis.stderr_from_ess`),
+    ``stderr_per_item`` the delta-method s.e. of the bound
+    (:func:`ppl_vae.elbo.psis.stderr_from_ess`),
     ``ess_per_item`` the effective sample size of the weights, and ``khat_per_item`` their Pareto
-    k-hat (:func:`ppl_vae.psis.pareto_khat`): where it exceeds ``KHAT_UNRELIABLE`` (0.7) the
+    k-hat (:func:`ppl_vae.elbo.psis.pareto_khat`): where it exceeds ``KHAT_UNRELIABLE`` (0.7) the
     weights' variance may be infinite and the s.e. understates the error.
 
     ``scale`` is the subsample factor of the shared plates: the product of full size / subsample
@@ -184,7 +180,7 @@ def iwae_log_evidence(
 
     Memory is that of ``chunk_size`` particles at a time whatever K is: per item, running
     log-sum-exps of log w (the bound) and of 2 log w (ESS and s.e.) and a running top-(M + 1)
-    of log w (k-hat, M = :func:`ppl_vae.psis.pareto_tail_size` of K), all in float64; the
+    of log w (k-hat, M = :func:`ppl_vae.elbo.psis.pareto_tail_size` of K), all in float64; the
     result is that of all K weights at once, whatever ``chunk_size``.
     """
     if num_samples < 1 or chunk_size < 1:
@@ -247,93 +243,3 @@ def iwae_log_evidence(
         ess_per_item=ess.squeeze(),
         khat_per_item=pareto_khat_from_largest(top, dim=0).squeeze(),
     )
-
-
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def _linear_head(decoder: nn.Module) -> bool:
-    """Whether ``decoder(z)`` is ``decoder.head(decoder.body(z))`` with a linear head: the MLP
-    decoder of :mod:`ppl_vae.networks`, its forward not overridden."""
-    from ppl_vae.networks import Decoder
-
-    return (
-        isinstance(decoder, Decoder)
-        and type(decoder).forward is Decoder.forward
-        and type(decoder.head) is nn.Linear
-    )
-
-
-def vae_log_weights(
-    encoder: nn.Module,
-    decoder: nn.Module,
-    x: Tensor,
-    eps: Tensor,
-    *,
-    likelihood: str = "bernoulli",
-    sigma: float | None = None,
-    moments: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """log w = log p(x | z) + log N(z; 0, I) - log q(z | x) at z = mu(x) + sigma(x) eps.
-
-    :param x: (B, D) images; :param eps: (K, B, z_dim) standard normal noise.
-    :param moments: (mu, log_var) of q(z | x) when already computed (they are per image).
-    :returns: (K, B) log-weights.
-    """
-    from ppl_vae.models.vae import observation  # the model's own likelihood, not a copy
-
-    mu, log_var = encoder(x) if moments is None else moments  # (B, z_dim) each
-    z = torch.addcmul(mu, (0.5 * log_var).exp(), eps)  # (K, B, z_dim)
-    if likelihood == "bernoulli" and not torch.is_grad_enabled() and _linear_head(decoder):
-        head = decoder.head
-        log_px = linear_bernoulli_log_prob(decoder.body(z), head.weight, head.bias, x)  # (K, B)
-    elif likelihood == "bernoulli":
-        log_px = bernoulli_log_prob(decoder(z), x).sum(-1)  # (K, B)
-    else:
-        log_px = observation(decoder, z, likelihood, sigma).log_prob(x)  # (K, B)
-    # log N(z; 0, I) - log N(z; mu, sigma^2) = -z^2/2 + eps^2/2 + sum(log sigma); 2 pi cancels.
-    log_prior_ratio = 0.5 * (eps.square() - z.square()).sum(-1) + 0.5 * log_var.sum(-1)
-    return log_px + log_prior_ratio
-
-
-def vae_iwae(
-    encoder: nn.Module,
-    decoder: nn.Module,
-    images: Tensor,
-    *,
-    likelihood: str = "bernoulli",
-    sigma: float | None = None,
-    num_samples: int = 5000,
-    chunk_size: int = 100,
-    batch_size: int = 20,
-    progress: bool = False,
-) -> Tensor:
-    """The K-sample IWAE bound of the Gaussian VAE, per image ((N,) tensor, nats).
-
-    Memory is one (chunk_size, batch_size, D) block at a time whatever K and N are: the
-    default 2,000 decoder rows (6 MB at D = 784) keep the matrix products efficient on a CPU
-    and reuse the same memory pass after pass; a GPU wants larger blocks. Draws come from
-    torch's global generator (seed it for reproducible values).
-    """
-    if num_samples < 1 or chunk_size < 1 or batch_size < 1:
-        raise ValueError(
-            f"num_samples, chunk_size and batch_size must be >= 1, got "
-            f"{num_samples}, {chunk_size}, {batch_size}"
-        )
-    out = []
-    starts = range(0, images.shape[0], batch_size)
-    with torch.no_grad():
-        for start in tqdm(starts, desc=f"IWAE K={num_samples}", unit="batch", disable=not progress):
-            x = images[start : start + batch_size]  # (B, D)
-            moments = encoder(x)
-            z_dim = moments[0].shape[-1]
-            running = x.new_full((x.shape[0],), -math.inf)
-            for first in range(0, num_samples, chunk_size):
-                k = min(chunk_size, num_samples - first)
-                eps = torch.randn(k, x.shape[0], z_dim, device=x.device, dtype=x.dtype)
-                log_w = vae_log_weights(
-                    encoder, decoder, x, eps, likelihood=likelihood, sigma=sigma, moments=moments
-                )
-                running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
-            out.append(running - math.log(num_samples))
-    return torch.cat(out)

@@ -73,8 +73,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ppl_vae.atomic import write_atomically
-from ppl_vae.beta import FreeBits
-from ppl_vae.checkpoint import (
+from ppl_vae.checkpoint.format import (
     Checkpoint,
     load_checkpoint,
     remove_stale_temporaries,
@@ -83,8 +82,11 @@ from ppl_vae.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from ppl_vae.data import batches, binarize
-from ppl_vae.elbos import ELBOS, elbo_by_name
+from ppl_vae.data.datasets import batches, binarize
+from ppl_vae.elbo.beta import FreeBits
+from ppl_vae.elbo.ledger import sampled_site_terms
+from ppl_vae.elbo.pair import PairStructure, inspect_pair
+from ppl_vae.elbo.pyro_elbos import ELBOS, elbo_by_name
 from ppl_vae.errors import (
     CheckpointError,
     ConfigMismatchError,
@@ -93,8 +95,6 @@ from ppl_vae.errors import (
     TrainingInterrupted,
     WriteError,
 )
-from ppl_vae.ledger import sampled_site_terms
-from ppl_vae.pair import PairStructure, inspect_pair
 
 __all__ = [
     "ELBOS",
@@ -143,7 +143,7 @@ HISTORY_COLUMNS = (
 """Columns of a history row (and of ``history.csv``), in order; see :class:`History`."""
 
 _VAL_COLUMNS = HISTORY_COLUMNS[7:12]  # val_elbo ... val_objective
-# Independent random streams derived from the seed (as in ppl_vae.data).
+# Independent random streams derived from the seed (as in ppl_vae.data.datasets).
 _STREAM_BATCH_ORDER = 11
 _STREAM_VALIDATION = 12
 _EVAL_BATCH = 1000  # validation images per batch by default
@@ -184,9 +184,9 @@ class TrainConfig:
     :param precision: ``"bfloat16"`` runs the training steps' forward pass under
         ``torch.autocast`` (mixed precision: matrix products in bfloat16, with float32
         accumulation on CPUs with AVX-512 BF16 and on GPUs); networks must return float32
-        (those of :mod:`ppl_vae.networks` do). Fast engine, non-Jit ELBOs only.
+        (those of :mod:`ppl_vae.vae.networks` do). Fast engine, non-Jit ELBOs only.
     :param free_bits: lambda in nats per image, > 0 to train on reconstruction - sum over
-        latent sites of max(lambda, KL) (:class:`ppl_vae.beta.FreeBits`) instead of the
+        latent sites of max(lambda, KL) (:class:`ppl_vae.elbo.beta.FreeBits`) instead of the
         beta-ELBO's KL term; validation still reports the ELBO. 0: off. Not with Jit ELBOs.
     """
 
@@ -324,7 +324,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def make_elbo(config: TrainConfig) -> ELBO:
-    """A fresh Pyro ELBO object named by ``config.elbo`` (:func:`ppl_vae.elbos.elbo_by_name`)."""
+    """A fresh Pyro ELBO object named by ``config.elbo``
+    (:func:`ppl_vae.elbo.pyro_elbos.elbo_by_name`)."""
     return elbo_by_name(
         config.elbo,
         num_particles=config.num_particles,

@@ -191,13 +191,13 @@ def training_curves_figure(
     E_q[log p(x | z)] - beta KL. Steps where beta is below its final value (warm-up, or the
     rising part of each cycle) are shaded, and beta is drawn on the KL panel's right axis.
 
-    :param history: a :class:`ppl_vae.train.History` or its rows (``history.json``).
+    :param history: a :class:`ppl_vae.training.loop.History` or its rows (``history.json``).
     :param schedule: beta(step), to shade the warm-up step by step (default: the history's
         per-epoch beta column).
     :param min_rate: the collapse level drawn on the KL panel (default
-        :data:`ppl_vae.diagnostics.MIN_RATE`).
+        :data:`ppl_vae.vae.diagnostics.MIN_RATE`).
     """
-    from ppl_vae.diagnostics import MIN_RATE
+    from ppl_vae.vae.diagnostics import MIN_RATE
 
     rows = _rows(history)
     min_rate = MIN_RATE if min_rate is None else min_rate
@@ -275,7 +275,7 @@ def _project(
     if kl_per_dim is None:
         if log_var is None:
             raise ValueError("the 'kl' projection needs log_var or kl_per_dim (or use 'pca')")
-        from ppl_vae.diagnostics import kl_per_dimension
+        from ppl_vae.vae.diagnostics import kl_per_dimension
 
         kl = kl_per_dimension(mu, log_var)
     else:

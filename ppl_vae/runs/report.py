@@ -18,7 +18,6 @@ table, and links each beta's own report.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -31,7 +30,7 @@ import torch
 
 from ppl_vae.atomic import write_atomically
 
-__all__ = ["REPORT_DIR", "add_parser", "interpolate", "write_report"]
+__all__ = ["REPORT_DIR", "interpolate", "write_report"]
 
 REPORT_DIR = "report"
 """The report's folder inside a run or sweep folder, by default."""
@@ -136,7 +135,7 @@ def _page(title: str, body: Sequence[str]) -> str:
 
 def _schedule(spec: Any):
     """The beta schedule of a run's ``config.json`` (``None`` when constant or unreadable)."""
-    from ppl_vae.beta import Constant, parse_schedule
+    from ppl_vae.elbo.beta import Constant, parse_schedule
 
     try:
         schedule = parse_schedule(str(spec))
@@ -204,8 +203,8 @@ def write_report(
 
 
 def _sweep_report(path: Path, out_dir: Path, *, runs: bool, options: dict[str, Any]) -> Path:
-    from ppl_vae.plots import save
-    from ppl_vae.sweep import format_table, read_sweep, sweep_figure
+    from ppl_vae.runs.plots import save
+    from ppl_vae.runs.sweep import format_table, read_sweep, sweep_figure
 
     rows = read_sweep(path)
     if not rows:
@@ -293,18 +292,9 @@ def _run_report(
     latent_images: int,
     seed: int,
 ) -> Path:
-    from ppl_vae.diagnostics import (
-        DEFAULT_KS,
-        active_units,
-        collapse_warning,
-        elbo_surgery,
-        iwae_curve,
-        kl_per_dimension,
-        posterior_moments,
-        rate_distortion,
-    )
     from ppl_vae.models import vae as vae_model
-    from ppl_vae.plots import (
+    from ppl_vae.runs.folder import load_run
+    from ppl_vae.runs.plots import (
         gaussian_kl_figure,
         image_grid,
         interpolations_figure,
@@ -314,7 +304,16 @@ def _run_report(
         save,
         training_curves_figure,
     )
-    from ppl_vae.run import load_run
+    from ppl_vae.vae.diagnostics import (
+        DEFAULT_KS,
+        active_units,
+        collapse_warning,
+        elbo_surgery,
+        iwae_curve,
+        kl_per_dimension,
+        posterior_moments,
+        rate_distortion,
+    )
 
     config = _read_json(path / "config.json")
     history = _read_json(path / "history.json") or []
@@ -536,73 +535,3 @@ def _run_report(
     index = out_dir / "index.html"
     write_atomically(index, _page(f"Run report: {path.name}", body))
     return index
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    index = write_report(
-        args.run,
-        out=args.out,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        data_dir=args.data_dir,
-        iwae_images=args.iwae_images,
-        iwae_k=args.iwae_k,
-        latent_images=args.latent_images,
-        seed=args.seed,
-        runs=not args.no_runs,
-    )
-    print(f"written: {index} (open it in a browser; it works offline)")
-    return 0
-
-
-def add_parser(subparsers: Any) -> None:
-    """Add the ``report`` subcommand to ``subparsers`` (from ``add_subparsers``); its handler
-    is ``args.handler(args) -> int``."""
-    report = subparsers.add_parser(
-        "report",
-        help="write an offline HTML page of a run's (or a sweep's) figures and numbers",
-        description="Write FOLDER/report/index.html and its PNG figures: training curves "
-        "(reconstruction, KL, ELBO; warm-up shaded), the latent space coloured by class with "
-        "the prior's circles, KL(N(mu, sigma^2) || N(0, 1)) over a grid, samples, "
-        "reconstructions and latent interpolations, the IWAE bound against K with the ELBO, "
-        "and the key numbers (ELBO = -(D + R), IWAE, the rate split as I_q(x;z) + "
-        "KL(q(z)||p(z)), active units, a collapse warning). For a sweep folder: the "
-        "rate-distortion plane, the table, and each run's report. Relative links only: the "
-        "page works offline.",
-        epilog="example: ppl-vae report runs/fmnist",
-    )
-    report.add_argument(
-        "run", help="a run folder ('ppl-vae train') or sweep folder ('ppl-vae sweep')"
-    )
-    report.add_argument("--out", default=None, help="the report's folder (default: RUN/report)")
-    report.add_argument(
-        "--checkpoint",
-        choices=("best", "last"),
-        default="best",
-        help="which checkpoint (default: %(default)s)",
-    )
-    report.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    report.add_argument("--data-dir", help="folder holding the IDX files of the data set")
-    report.add_argument(
-        "--iwae-k",
-        type=int,
-        default=5000,
-        help="largest K of the IWAE-against-K figure (default: %(default)s)",
-    )
-    report.add_argument(
-        "--iwae-images",
-        type=int,
-        default=100,
-        help="test images of the IWAE-against-K figure (default: %(default)s)",
-    )
-    report.add_argument(
-        "--latent-images",
-        type=int,
-        default=2000,
-        help="test images encoded for the latent space and ELBO surgery (default: %(default)s)",
-    )
-    report.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    report.add_argument(
-        "--no-runs", action="store_true", help="for a sweep: do not write each run's report"
-    )
-    report.set_defaults(handler=_cmd_report)

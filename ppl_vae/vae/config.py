@@ -17,7 +17,7 @@ from torch import nn
 from ppl_vae.errors import DataError
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
-from ppl_vae.networks import make_networks
+from ppl_vae.vae.networks import make_networks
 
 __all__ = ["VAE", "VAEConfig", "build_vae", "resolve_binarize"]
 

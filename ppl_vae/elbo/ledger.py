@@ -25,7 +25,7 @@ from pyro.infer import TraceEnum_ELBO, config_enumerate
 from pyro.infer.traceenum_elbo import _compute_dice_elbo, _find_ordinal
 from pyro.infer.util import Dice
 
-from ppl_vae.pair import (
+from ppl_vae.elbo.pair import (
     BoundPair,
     PairStructure,
     ScaleMode,

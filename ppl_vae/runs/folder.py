@@ -24,15 +24,14 @@ from typing import Any
 import pyro
 import torch
 
-from ppl_vae.beta import parse_schedule
-from ppl_vae.checkpoint import load_checkpoint, restore
-from ppl_vae.data import Dataset, load
+from ppl_vae.checkpoint.format import load_checkpoint, restore
+from ppl_vae.data.datasets import Dataset, load
+from ppl_vae.elbo.beta import parse_schedule
 from ppl_vae.errors import CheckpointError, ConfigMismatchError, WriteError
-from ppl_vae.evaluate import Evaluation, evaluate
-from ppl_vae.experiment import VAE, VAEConfig, build_vae, resolve_binarize
 from ppl_vae.models import vae as vae_model
-from ppl_vae.plots import image_grid, reconstructions_figure, save
-from ppl_vae.train import (
+from ppl_vae.runs.evaluate import Evaluation, evaluate
+from ppl_vae.runs.plots import image_grid, reconstructions_figure, save
+from ppl_vae.training.loop import (
     History,
     TrainConfig,
     config_differences,
@@ -40,6 +39,7 @@ from ppl_vae.train import (
     resolve_device,
     write_text_atomically,
 )
+from ppl_vae.vae.config import VAE, VAEConfig, build_vae, resolve_binarize
 
 __all__ = [
     "TrainedRun",

@@ -1,5 +1,5 @@
 """Command-line options that several commands share: integer ranges, threads, and the data and
-model flags of ``train`` and ``sweep`` with the :class:`~ppl_vae.experiment.VAEConfig` they name.
+model flags of ``train`` and ``sweep`` with the :class:`~ppl_vae.vae.config.VAEConfig` they name.
 
 Below the commands (``cli``, ``sweep``), so that they import it and not each other.
 """
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # imported lazily at run time: --help stays quick
-    from ppl_vae.experiment import VAEConfig
+    from ppl_vae.vae.config import VAEConfig
 
 __all__ = [
     "THREADS_HELP",
@@ -112,9 +112,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, defaults: bool) -> N
 
 
 def vae_config_from_args(args: argparse.Namespace) -> VAEConfig:
-    """The :class:`~ppl_vae.experiment.VAEConfig` named by :func:`add_model_arguments`' flags
+    """The :class:`~ppl_vae.vae.config.VAEConfig` named by :func:`add_model_arguments`' flags
     (and ``--arch``, ``--sigma`` where the command has them)."""
-    from ppl_vae.experiment import VAEConfig
+    from ppl_vae.vae.config import VAEConfig
 
     return VAEConfig(
         dataset=args.dataset,

@@ -5,7 +5,7 @@ R = E_x KL(q(z | x) || p(z))); evaluating every run at beta = 1 puts them on one
 rate-distortion plane, where the lines D + R = const have equal ELBO = -(D + R): beta moves
 the model along the curve (Alemi et al. 2018), trading information in z against distortion.
 
-    OUT/beta=<b>/        one run folder per beta (see :mod:`ppl_vae.run`), evaluated
+    OUT/beta=<b>/        one run folder per beta (see :mod:`ppl_vae.runs.folder`), evaluated
     OUT/sweep.csv        the table: beta, R, D, ELBO, IWAE, active units, I_q(x; z), ...
     OUT/sweep.json       the same rows with the sweep's settings
     OUT/rate_distortion.png
@@ -13,7 +13,6 @@ the model along the curve (Alemi et al. 2018), trading information in z against 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -30,14 +29,13 @@ from ppl_vae.atomic import write_atomically
 if TYPE_CHECKING:  # imported where used: the CLI builds its parser without them
     from matplotlib.figure import Figure
 
-    from ppl_vae.experiment import VAEConfig
-    from ppl_vae.train import TrainConfig
+    from ppl_vae.training.loop import TrainConfig
+    from ppl_vae.vae.config import VAEConfig
 
 __all__ = [
     "DEFAULT_BETAS",
     "SWEEP_COLUMNS",
     "SweepRow",
-    "add_parser",
     "format_table",
     "parse_betas",
     "read_sweep",
@@ -60,7 +58,7 @@ class SweepRow:
     ``rate`` R = E_x KL(q(z | x) || p(z)), ``distortion`` D = -E_x E_q[log p(x | z)],
     ``elbo`` = -(D + R), ``iwae`` the K-sample bound (K = ``iwae_k``); ``mutual_info`` and
     ``marginal_kl`` split the rate as I_q(x; z) + KL(q(z) || p(z)) over the same
-    ``n_images`` images (:func:`ppl_vae.diagnostics.elbo_surgery`); ``run`` is the run
+    ``n_images`` images (:func:`ppl_vae.vae.diagnostics.elbo_surgery`); ``run`` is the run
     folder relative to the sweep folder.
     """
 
@@ -156,9 +154,9 @@ def run_sweep(
 
     :param eval_device: where to evaluate (default: the training device).
     """
-    from ppl_vae.diagnostics import elbo_surgery, posterior_moments
-    from ppl_vae.run import evaluate_run, load_run, train_run
-    from ppl_vae.train import resolve_device
+    from ppl_vae.runs.folder import evaluate_run, load_run, train_run
+    from ppl_vae.training.loop import resolve_device
+    from ppl_vae.vae.diagnostics import elbo_surgery, posterior_moments
 
     betas = parse_betas(betas)
     if iwae_k < 1:
@@ -225,7 +223,7 @@ def write_sweep(
     out: str | os.PathLike[str], rows: Sequence[SweepRow], *, meta: dict[str, Any] | None = None
 ) -> list[Path]:
     """Write ``sweep.csv``, ``sweep.json`` (rows and ``meta``) and ``rate_distortion.png``."""
-    from ppl_vae.plots import save
+    from ppl_vae.runs.plots import save
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,8 +257,8 @@ def read_sweep(path: str | os.PathLike[str]) -> list[SweepRow]:
 
 def sweep_figure(rows: Sequence[SweepRow], *, title: str | None = None) -> Figure:
     """The rate-distortion plane of a sweep: D against R, one point per beta, with the lines
-    of equal ELBO D + R = const (:func:`ppl_vae.plots.rate_distortion_figure`)."""
-    from ppl_vae.plots import rate_distortion_figure
+    of equal ELBO D + R = const (:func:`ppl_vae.runs.plots.rate_distortion_figure`)."""
+    from ppl_vae.runs.plots import rate_distortion_figure
 
     kwargs = {} if title is None else {"title": title}
     return rate_distortion_figure(
@@ -288,118 +286,3 @@ def format_table(rows: Sequence[SweepRow]) -> str:
             "rate = I_q(x;z) + KL(q(z)||p(z)))"
         )
     return "\n".join(lines)
-
-
-def _betas(text: str) -> tuple[float, ...]:
-    try:
-        return parse_betas(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ppl_vae.options import set_threads, vae_config_from_args
-    from ppl_vae.train import TrainConfig
-
-    set_threads(args.threads)
-    vae_config = vae_config_from_args(args)
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-
-    def report(row: SweepRow) -> None:
-        print(
-            f"beta = {row.beta:g}: R = {row.rate:.3f}, D = {row.distortion:.3f}, "
-            f"ELBO = {row.elbo:.3f}, IWAE = {row.iwae:.3f} nats/image "
-            f"({Path(args.out) / row.run})",
-            flush=True,
-        )
-
-    rows = run_sweep(
-        args.out,
-        args.beta,
-        vae_config,
-        train_config,
-        iwae_k=args.iwae_k,
-        test_images=args.test_images,
-        train_subset=args.train_subset,
-        data_dir=args.data_dir,
-        on_row=report,
-    )
-    out = Path(args.out)
-    print(f"\n{format_table(rows)}")
-    print(
-        f"written: {out / 'sweep.csv'}, {out / 'sweep.json'}, {out / 'rate_distortion.png'}"
-        f"\nsee it all: ppl-vae report {out}"
-    )
-    return 0
-
-
-def add_parser(subparsers: Any) -> None:
-    """Add the ``sweep`` subcommand to ``subparsers`` (from ``add_subparsers``); its handler
-    is ``args.handler(args) -> int``."""
-    # The train command's data and model flags, and its parser of thread counts.
-    from ppl_vae.options import THREADS_HELP, add_model_arguments, thread_count
-
-    sweep = subparsers.add_parser(
-        "sweep",
-        help="train one VAE per beta and draw the rate-distortion plane",
-        description="Train one run per KL weight beta (same seed, same budget) into "
-        "OUT/beta=<b>/, evaluate each at beta = 1 on the test set (ELBO, IWAE bound, active "
-        "units, and the rate split as I_q(x;z) + KL(q(z)||p(z))), and write OUT/sweep.csv, "
-        "OUT/sweep.json and OUT/rate_distortion.png: distortion D = -E_q[log p(x|z)] against "
-        "rate R = KL(q(z|x) || p(z)), one point per beta, with the lines of equal ELBO "
-        "D + R = const. Training with beta minimises D + beta R, so beta moves the model "
-        "along the curve. All values are nats per image.",
-        epilog="example: ppl-vae sweep --dataset digits --z-dim 8 --hidden 128 --epochs 30 "
-        "--beta 0.1,0.25,0.5,1,2,4,8 --out runs/sweep-digits",
-    )
-    add_model_arguments(sweep, defaults=True)
-    sweep.add_argument(
-        "--beta",
-        type=_betas,
-        default=DEFAULT_BETAS,
-        help="comma-separated KL weights, one run each (default: 0.1,0.25,0.5,1,2,4,8)",
-    )
-    sweep.add_argument(
-        "--epochs", type=int, default=10, help="passes over the data per run (default: %(default)s)"
-    )
-    sweep.add_argument(
-        "--batch-size", type=int, default=128, help="images per step (default: %(default)s)"
-    )
-    sweep.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (default: %(default)s)")
-    sweep.add_argument(
-        "--seed", type=int, default=0, help="random seed, the same for every run (default: 0)"
-    )
-    sweep.add_argument(
-        "--train-subset",
-        type=int,
-        default=None,
-        help="train on the first N training images only (quick sweeps)",
-    )
-    sweep.add_argument(
-        "--iwae-k",
-        type=int,
-        default=100,
-        help="importance samples of the IWAE bound per test image (default: %(default)s)",
-    )
-    sweep.add_argument(
-        "--test-images",
-        type=int,
-        default=1000,
-        help="test images each run is evaluated on (default: %(default)s)",
-    )
-    sweep.add_argument(
-        "--device",
-        default="auto",
-        help="cpu, cuda or auto (CUDA when present; default: %(default)s)",
-    )
-    sweep.add_argument("--out", required=True, help="sweep folder to write, e.g. runs/sweep")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sweep.add_argument("--threads", type=thread_count, default=None, help=THREADS_HELP)
-    sweep.set_defaults(handler=_cmd_sweep)

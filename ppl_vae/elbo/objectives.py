@@ -36,8 +36,8 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, warn_if_nan
 from torch import Tensor
 
+from ppl_vae.elbo.pair import PARTICLE_PLATE, frames_subsample_factor, sum_except
 from ppl_vae.errors import EstimatorError, ModelGuideMismatchError
-from ppl_vae.pair import PARTICLE_PLATE, frames_subsample_factor, sum_except
 
 __all__ = ["IWAE_ELBO", "DReGIWAE_ELBO", "STLTrace_ELBO"]
 

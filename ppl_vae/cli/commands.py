@@ -17,21 +17,21 @@ import numpy as np
 import pyro
 import torch
 
-from ppl_vae.elbos import ELBOS
-from ppl_vae.errors import (
-    EXIT_INPUT,
-    DataError,
-    PplVaeError,
-    TrainingInterrupted,
-    UserFileError,
-)
-from ppl_vae.options import (
+from ppl_vae.cli.options import (
     THREADS_HELP,
     add_model_arguments,
     at_least_two,
     set_threads,
     thread_count,
     vae_config_from_args,
+)
+from ppl_vae.elbo.pyro_elbos import ELBOS
+from ppl_vae.errors import (
+    EXIT_INPUT,
+    DataError,
+    PplVaeError,
+    TrainingInterrupted,
+    UserFileError,
 )
 
 __all__ = ["load_callable", "load_data", "main"]
@@ -107,7 +107,7 @@ def load_data(text: str) -> torch.Tensor:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from ppl_vae.check import check_pair
+    from ppl_vae.elbo.check import check_pair
 
     model, guide = load_callable(args.model), load_callable(args.guide)
     data = load_data(args.data)
@@ -132,7 +132,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ppl_vae.demo import binary_toy_demo
+    from ppl_vae.runs.demo import binary_toy_demo
 
     set_threads(args.threads)
 
@@ -143,7 +143,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"q(z=1|x=1) = {q}{note}\n{report}\nfigure: {figure}\n")
     if args.skip_vae:
         return 0
-    from ppl_vae.demo import vae_demo
+    from ppl_vae.runs.demo import vae_demo
 
     print(f"2. A VAE on Fashion-MNIST: {args.epochs} epochs of SVI, then the test bounds\n")
     run_dir, result = vae_demo(
@@ -154,7 +154,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    from ppl_vae.report import write_report
+    from ppl_vae.runs.report import write_report
 
     page = write_report(run_dir)
     print(f"{result}\nrun folder: {run_dir} (samples.png, reconstructions.png, history.csv)")
@@ -222,7 +222,7 @@ def _same_beta(saved: object, asked: object) -> bool:
 
 
 def _resume(args: argparse.Namespace):
-    from ppl_vae.run import resume_run, run_config
+    from ppl_vae.runs.folder import resume_run, run_config
 
     if args.out is not None and Path(args.out) != Path(args.resume):
         raise ValueError(
@@ -248,9 +248,9 @@ def _resume(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ppl_vae.beta import parse_schedule
-    from ppl_vae.run import train_run
-    from ppl_vae.train import TrainConfig
+    from ppl_vae.elbo.beta import parse_schedule
+    from ppl_vae.runs.folder import train_run
+    from ppl_vae.training.loop import TrainConfig
 
     if args.resume is not None:
         run = _resume(args)
@@ -315,7 +315,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ppl_vae.run import evaluate_run
+    from ppl_vae.runs.folder import evaluate_run
 
     result = evaluate_run(
         args.run,
@@ -331,7 +331,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from ppl_vae.run import sample_run
+    from ppl_vae.runs.folder import sample_run
 
     for path in sample_run(args.run, num=args.num, seed=args.seed, device=args.device):
         print(f"written: {path}")
@@ -339,7 +339,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from ppl_vae.data import download
+    from ppl_vae.data.datasets import download
 
     print(f"downloaded to {download(args.name, args.root)}")
     return 0
@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--root", default=None, help="target folder")
     download.set_defaults(handler=_cmd_download)
 
-    from ppl_vae import report, sweep  # their subcommands: ppl-vae sweep, ppl-vae report
+    from ppl_vae.cli import report, sweep  # their subcommands: ppl-vae sweep, ppl-vae report
 
     sweep.add_parser(sub)
     report.add_parser(sub)

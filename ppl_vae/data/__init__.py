@@ -1,0 +1,1 @@
+"""Datasets as in-memory tensors: loading, binarisation, batches, and the IDX reader."""

@@ -1,0 +1,3 @@
+"""Training a pair with SVI: configuration, engine, validation, the divergence guard,
+signals, resume state and the loop.
+"""

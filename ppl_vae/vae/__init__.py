@@ -1,0 +1,1 @@
+"""The Gaussian VAE: its networks and configuration, the trace-free IWAE, latent diagnostics."""
