@@ -125,7 +125,7 @@ def load_data(device: torch.device, quick: bool = False, test_size: int | None =
     """Fashion-MNIST's 60,000 training images (train and validation together, no split
     carved), or the first 6,000 with ``quick``; the 10,000 test images binarised once with
     the fixed generator of ``ppl_vae.data.datasets`` (the same draws in every row)."""
-    from ppl_vae.data.datasets import load
+    from ppl_vae.data import load
 
     data = load("fashion-mnist", binarize="dynamic", validation_size=0)
     train = data.train.images

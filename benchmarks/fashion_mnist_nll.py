@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae.elbo.beta import LinearWarmup
-from ppl_vae.runs.folder import evaluate_run, train_run
-from ppl_vae.training.loop import TrainConfig
-from ppl_vae.vae.config import VAEConfig
+from ppl_vae.elbo import LinearWarmup
+from ppl_vae.runs import evaluate_run, train_run
+from ppl_vae.training import TrainConfig
+from ppl_vae.vae import VAEConfig
 
 PUBLISHED = -228.70  # Exemplar VAE paper, VAE with a standard Gaussian prior (nats)
 

@@ -62,12 +62,11 @@ from _common import (
     timed,
 )
 
-from ppl_vae.elbo.evidence import iwae_log_evidence
+from ppl_vae.elbo import iwae_log_evidence
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
-from ppl_vae.runs.evaluate import evaluate
-from ppl_vae.vae.iwae import vae_iwae
-from ppl_vae.vae.networks import make_networks
+from ppl_vae.runs import evaluate
+from ppl_vae.vae import make_networks, vae_iwae
 
 X_DIM, HIDDEN, Z_DIM = 784, 400, 20
 IMAGE_SHAPE = (1, 28, 28)

@@ -90,8 +90,7 @@ from _common import (
 
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
-from ppl_vae.vae.config import VAEConfig, build_vae
-from ppl_vae.vae.networks import make_networks
+from ppl_vae.vae import VAEConfig, build_vae, make_networks
 
 X_DIM, HIDDEN, Z_DIM, BATCH, LR = 784, 400, 20, 128, 1e-3
 IMAGE_SHAPE = (1, 28, 28)
@@ -572,7 +571,7 @@ class FitRow(PyroRow, MemoryRow):
         self.seed = seed
 
     def _fit(self, images: Tensor, seed: int, validation: Tensor | None) -> dict:
-        from ppl_vae.training.loop import TrainConfig, fit
+        from ppl_vae.training import TrainConfig, fit
 
         extra = {} if self.elbo is None else {"elbo": self.elbo}
         if self.precision is not None:
@@ -812,7 +811,7 @@ def particle_sweep(
     """Seconds per ``n_images`` (scaled to an epoch) of ``fit`` with ``num_particles`` = K,
     vectorised, and of a hand-written vectorised loop, interleaved over K; ratios to K = 1.
     On the CPU the times are CPU seconds of the whole fit call, else wall-clock seconds."""
-    from ppl_vae.training.loop import TrainConfig, fit
+    from ppl_vae.training import TrainConfig, fit
 
     use_cpu_time = device.type == "cpu"  # steadier on a shared machine (see timed())
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from ppl_vae.runs.folder import evaluate_run, train_run
-from ppl_vae.training.loop import TrainConfig
-from ppl_vae.vae.config import VAEConfig
+from ppl_vae.runs import evaluate_run, train_run
+from ppl_vae.training import TrainConfig
+from ppl_vae.vae import VAEConfig
 
 
 def main(args: argparse.Namespace) -> None:

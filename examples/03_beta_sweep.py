@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppl_vae.runs.report import write_report
-from ppl_vae.runs.sweep import format_table, parse_betas, run_sweep
-from ppl_vae.training.loop import TrainConfig
-from ppl_vae.vae.config import VAEConfig
+from ppl_vae.runs import format_table, parse_betas, run_sweep, write_report
+from ppl_vae.training import TrainConfig
+from ppl_vae.vae import VAEConfig
 
 
 def main(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from ppl_vae.elbo.beta import kl_scale
+from ppl_vae.elbo import kl_scale
 from ppl_vae.models.binary_toy import DECODER, PRIOR, as_data
 
 __all__ = ["DEFAULT_TABLE", "PARAM_NAME", "guide", "initialise"]

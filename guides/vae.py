@@ -11,7 +11,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ppl_vae.elbo.beta import kl_scale
+from ppl_vae.elbo import kl_scale
 from ppl_vae.models.vae import check_data as _check
 
 __all__ = ["guide"]

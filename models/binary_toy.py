@@ -10,7 +10,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from ppl_vae.elbo.beta import kl_scale
+from ppl_vae.elbo import kl_scale
 from ppl_vae.errors import DataError
 
 __all__ = ["DECODER", "PRIOR", "as_data", "model", "true_posterior"]

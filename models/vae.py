@@ -21,8 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ppl_vae.elbo.beta import kl_scale
-from ppl_vae.elbo.fastmath import BernoulliLogits
+from ppl_vae.elbo import BernoulliLogits, kl_scale
 from ppl_vae.errors import DataError
 
 __all__ = [

@@ -3,12 +3,24 @@
 ELBO = E_q[log p(x | z)] - KL(q(z | x) || p(z)) <= log p(x), with gap KL(q(z | x) || p(z | x)).
 """
 
-from ppl_vae.elbo.check import CheckReport, check_pair
-from ppl_vae.elbo.evidence import IWAEEstimate, exact_log_evidence, iwae_log_evidence
-from ppl_vae.elbo.gradcheck import EstimatorComparison, GradientCheck
-from ppl_vae.elbo.ledger import Ledger, SiteTerm, elbo_ledger
-from ppl_vae.elbo.objectives import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
-from ppl_vae.elbo.posterior import JointTable, PosteriorTable, enumerate_joint
+from ppl_vae.elbo import (
+    IWAE_ELBO,
+    CheckReport,
+    DReGIWAE_ELBO,
+    EstimatorComparison,
+    GradientCheck,
+    IWAEEstimate,
+    JointTable,
+    Ledger,
+    PosteriorTable,
+    SiteTerm,
+    STLTrace_ELBO,
+    check_pair,
+    elbo_ledger,
+    enumerate_joint,
+    exact_log_evidence,
+    iwae_log_evidence,
+)
 from ppl_vae.errors import (
     ArgumentError,
     CheckpointError,
@@ -26,9 +38,9 @@ from ppl_vae.errors import (
     UserFileError,
     WriteError,
 )
-from ppl_vae.runs.evaluate import Evaluation, evaluate
-from ppl_vae.training.loop import History, TrainConfig, fit
-from ppl_vae.vae.iwae import vae_iwae
+from ppl_vae.runs import Evaluation, evaluate
+from ppl_vae.training import History, TrainConfig, fit
+from ppl_vae.vae import vae_iwae
 
 __all__ = [
     "IWAE_ELBO",

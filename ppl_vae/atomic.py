@@ -1,5 +1,5 @@
 """One atomic writer for every file a run writes: checkpoints, histories, configurations,
-sweep tables and report pages.
+sweep tables and report pages; and JSON with the numbers that do not exist (NaN, inf) as null.
 
 The bytes go to a temporary file in the target's folder, which is flushed and fsynced, then
 renamed over the target with ``os.replace``, and the folder is fsynced so the rename is
@@ -9,13 +9,16 @@ durable: a reader, or a process killed at any instant, sees the old file or the 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ppl_vae.errors import WriteError
 
-__all__ = ["write_atomically"]
+__all__ = ["json_ready", "write_atomically", "write_json"]
 
 
 def write_atomically(
@@ -72,3 +75,23 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by ``None``, through dicts,
+    lists and tuples (tuples become lists): strict JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def write_json(
+    path: str | os.PathLike[str], value: Any, *, indent: int = 2, what: str = ""
+) -> None:
+    """Write ``value`` as strict JSON (non-finite numbers as null) with :func:`write_atomically`."""
+    text = json.dumps(json_ready(value), indent=indent, allow_nan=False) + "\n"
+    write_atomically(path, text, what=what)

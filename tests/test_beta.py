@@ -8,7 +8,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO, config_enumerate
 
 from ppl_vae import elbo_ledger
-from ppl_vae.elbo.beta import Constant, Cyclical, FreeBits, LinearWarmup, kl_scale, parse_schedule
+from ppl_vae.elbo import Constant, Cyclical, FreeBits, LinearWarmup, kl_scale, parse_schedule
 from ppl_vae.guides import binary_toy as toy_guide
 from ppl_vae.guides import linear_gaussian as lg_guide
 from ppl_vae.models import binary_toy as toy_model

@@ -361,8 +361,7 @@ def test_heavy_tailed_weights_are_flagged():
 def test_gradient_check_passes_a_right_estimator_and_fails_a_doubled_one():
     from pyro.infer import Trace_ELBO
 
-    from ppl_vae.elbo.gradcheck import check_gradients
-    from ppl_vae.elbo.pair import bind_pair
+    from ppl_vae.elbo import bind_pair, check_gradients
 
     class DoubledGradient(Trace_ELBO):
         def differentiable_loss(self, model, guide, *args, **kwargs):

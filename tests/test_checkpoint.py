@@ -18,7 +18,7 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
-from ppl_vae.checkpoint.format import (
+from ppl_vae.checkpoint import (
     FORMAT,
     constraint_from_name,
     constraint_name,
@@ -466,7 +466,7 @@ def test_trainer_state_round_trips_exactly(tmp_path):
 
 
 def test_write_failures_are_typed_and_stale_temporaries_removed(tmp_path, monkeypatch):
-    from ppl_vae.checkpoint.format import remove_stale_temporaries
+    from ppl_vae.checkpoint import remove_stale_temporaries
     from ppl_vae.errors import CheckpointWriteError, WriteError
 
     def crash(*args, **kwargs):

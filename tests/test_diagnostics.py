@@ -13,9 +13,9 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence
 from ppl_vae import elbo_ledger
 from ppl_vae.guides import linear_gaussian as lg_guide
 from ppl_vae.models import linear_gaussian as lg_model
-from ppl_vae.runs.toy import toy_elbo_curve
-from ppl_vae.training.loop import History
-from ppl_vae.vae.diagnostics import (
+from ppl_vae.runs import toy_elbo_curve
+from ppl_vae.training import History
+from ppl_vae.vae import (
     MIN_RATE,
     RateDistortion,
     active_units,

@@ -7,10 +7,10 @@ import pyro
 import pytest
 import torch
 
-from ppl_vae.elbo.pyro_elbos import ELBOS, PatchedJitTraceMeanField_ELBO, elbo_by_name
+from ppl_vae.elbo import ELBOS, PatchedJitTraceMeanField_ELBO, elbo_by_name
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
-from ppl_vae.vae.networks import make_networks
+from ppl_vae.vae import make_networks
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
 

@@ -23,7 +23,7 @@ from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import linear_gaussian as lg_model
 from ppl_vae.models import vae
 from ppl_vae.runs.evaluate import FLOAT_BUDGET, Evaluation, _sizes, evaluate
-from ppl_vae.vae.networks import make_networks
+from ppl_vae.vae import make_networks
 
 KS = (1, 10, 100)
 N_TEST = 100

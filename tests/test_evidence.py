@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ppl_vae import elbo_ledger, iwae_log_evidence
-from ppl_vae.elbo.psis import pareto_khat
+from ppl_vae.elbo import pareto_khat
 from ppl_vae.guides import linear_gaussian as lg_guide
 from ppl_vae.models import linear_gaussian as lg_model
 
@@ -165,8 +165,7 @@ def test_iwae_refuses_nonsense_sample_counts(problem):
 def test_vae_log_weights_match_pyro_traces(likelihood):
     from pyro import poutine
 
-    from ppl_vae.vae.config import VAEConfig, build_vae
-    from ppl_vae.vae.iwae import vae_log_weights
+    from ppl_vae.vae import VAEConfig, build_vae, vae_log_weights
 
     vae = build_vae(
         VAEConfig(
@@ -209,9 +208,9 @@ def test_vae_log_weights_match_pyro_traces(likelihood):
 
 
 def test_fast_and_generic_iwae_agree_within_noise():
-    from ppl_vae.data.datasets import load
-    from ppl_vae.runs.evaluate import evaluate
-    from ppl_vae.vae.config import VAEConfig, build_vae
+    from ppl_vae.data import load
+    from ppl_vae.runs import evaluate
+    from ppl_vae.vae import VAEConfig, build_vae
 
     data = load("digits", binarize="static")
     vae = build_vae(
@@ -426,7 +425,7 @@ def test_iwae_diagnostics_on_probabilistic_pca(problem):
 
 
 def test_iwae_estimate_built_without_diagnostics_keeps_working():
-    from ppl_vae.elbo.evidence import IWAEEstimate
+    from ppl_vae.elbo import IWAEEstimate
 
     estimate = IWAEEstimate(per_item=torch.tensor([-1.0, -2.0]), num_samples=5, plates=("data",))
     assert estimate.total == -3.0 and estimate.scale == 1.0 and estimate.full_data_total == -3.0

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppl_vae.elbo.fastmath import (
+from ppl_vae.elbo import (
     BernoulliLogits,
     bernoulli_log_prob,
     linear_bernoulli_log_prob,

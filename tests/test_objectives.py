@@ -24,7 +24,7 @@ from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.optim import Adam
 
-from ppl_vae.elbo.objectives import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
+from ppl_vae.elbo import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
 from ppl_vae.errors import EstimatorError, ModelGuideMismatchError
 
 S = 0.8  # likelihood s.d.

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ppl_vae.elbo.beta import LinearWarmup
+from ppl_vae.elbo import LinearWarmup
 from ppl_vae.runs import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,7 @@ import torch
 from pyro import poutine
 
 from ppl_vae import JointTable, enumerate_joint
-from ppl_vae.elbo.posterior import PosteriorTable
+from ppl_vae.elbo import PosteriorTable
 from ppl_vae.errors import ModelGuideMismatchError, NotEnumerableError
 from ppl_vae.guides import binary_toy as toy_guide
 from ppl_vae.models import binary_toy

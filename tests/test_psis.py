@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ppl_vae.elbo.psis import (
+from ppl_vae.elbo import (
     KHAT_GOOD,
     KHAT_UNRELIABLE,
     effective_sample_size,

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import ppl_vae
-from ppl_vae.checkpoint.format import load_checkpoint, restore
+from ppl_vae.checkpoint import load_checkpoint, restore
 from ppl_vae.cli.commands import main
 from ppl_vae.data import datasets as data
 from ppl_vae.errors import (
@@ -44,8 +44,8 @@ from ppl_vae.errors import (
 )
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
-from ppl_vae.training.loop import TrainConfig, fit
-from ppl_vae.vae.networks import make_networks
+from ppl_vae.training import TrainConfig, fit
+from ppl_vae.vae import make_networks
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,9 @@ import torch
 
 from ppl_vae.cli import report as report_command
 from ppl_vae.models import vae as vae_model
-from ppl_vae.runs.folder import load_run
-from ppl_vae.runs.report import interpolate, write_report
-from ppl_vae.runs.sweep import run_sweep
-from ppl_vae.training.loop import TrainConfig
-from ppl_vae.vae.config import VAEConfig
+from ppl_vae.runs import interpolate, load_run, run_sweep, write_report
+from ppl_vae.training import TrainConfig
+from ppl_vae.vae import VAEConfig
 
 SMALL = {"iwae_k": 20, "iwae_images": 10, "latent_images": 100}
 

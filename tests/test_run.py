@@ -6,8 +6,8 @@ import pytest
 
 from ppl_vae.cli.commands import main
 from ppl_vae.errors import CheckpointError, DataError
-from ppl_vae.runs.folder import load_run
-from ppl_vae.vae.config import VAEConfig, resolve_binarize
+from ppl_vae.runs import load_run
+from ppl_vae.vae import VAEConfig, resolve_binarize
 
 TINY = [
     "--dataset",
@@ -106,8 +106,8 @@ def test_help_explains_train_flags(capsys):
 
 
 def test_resume_of_a_finished_run_changes_nothing(run_dir, capsys):
-    from ppl_vae.checkpoint.format import load_checkpoint
-    from ppl_vae.runs.folder import resume_run
+    from ppl_vae.checkpoint import load_checkpoint
+    from ppl_vae.runs import resume_run
 
     before = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     rows = json.loads((run_dir / "history.json").read_text())

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from ppl_vae.cli import sweep as sweep_command
-from ppl_vae.runs.folder import load_run
-from ppl_vae.runs.sweep import SWEEP_COLUMNS, SweepRow, format_table, parse_betas, read_sweep
+from ppl_vae.runs import SWEEP_COLUMNS, SweepRow, format_table, load_run, parse_betas, read_sweep
 
 TINY = [
     "--dataset",

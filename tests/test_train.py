@@ -10,18 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from ppl_vae.checkpoint.format import load_checkpoint, restore
+from ppl_vae.checkpoint import load_checkpoint, restore
 from ppl_vae.data import datasets as data
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
-from ppl_vae.training.loop import (
+from ppl_vae.training import (
     ELBOS,
     HISTORY_COLUMNS,
     TrainConfig,
     TrainingDivergedError,
     fit,
 )
-from ppl_vae.vae.networks import make_networks
+from ppl_vae.vae import make_networks
 
 NO_CHECKS = {"check_data": False}  # the data are checked once, in the fixture
 
@@ -548,7 +548,7 @@ def test_resume_with_a_jit_elbo_is_bitwise_exact(digits, tmp_path, monkeypatch):
 
 
 def test_config_differences_and_checkpoint_every():
-    from ppl_vae.training.loop import config_differences
+    from ppl_vae.training import config_differences
 
     saved = {"train": {"lr": 0.01, "seed": 1, "device": "cpu"}, "vae": {"hidden": [32]}}
     asked = {"train": {"lr": 0.01, "seed": 2, "device": "cuda"}, "vae": {"hidden": (32, 32)}}

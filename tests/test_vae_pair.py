@@ -15,7 +15,7 @@ from torch.distributions import Normal, kl_divergence
 from ppl_vae.errors import DataError
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae
-from ppl_vae.vae.networks import ConvDecoder, ConvEncoder, Decoder, Encoder, make_networks
+from ppl_vae.vae import ConvDecoder, ConvEncoder, Decoder, Encoder, make_networks
 
 Z_DIM = 3
 LIKELIHOODS = ["bernoulli", "gaussian", "continuous-bernoulli"]

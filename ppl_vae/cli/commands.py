@@ -25,7 +25,7 @@ from ppl_vae.cli.options import (
     thread_count,
     vae_config_from_args,
 )
-from ppl_vae.elbo.pyro_elbos import ELBOS
+from ppl_vae.elbo import ELBOS
 from ppl_vae.errors import (
     EXIT_INPUT,
     DataError,
@@ -107,7 +107,7 @@ def load_data(text: str) -> torch.Tensor:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from ppl_vae.elbo.check import check_pair
+    from ppl_vae.elbo import check_pair
 
     model, guide = load_callable(args.model), load_callable(args.guide)
     data = load_data(args.data)
@@ -132,7 +132,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ppl_vae.runs.demo import binary_toy_demo
+    from ppl_vae.runs import binary_toy_demo
 
     set_threads(args.threads)
 
@@ -143,7 +143,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"q(z=1|x=1) = {q}{note}\n{report}\nfigure: {figure}\n")
     if args.skip_vae:
         return 0
-    from ppl_vae.runs.demo import vae_demo
+    from ppl_vae.runs import vae_demo
 
     print(f"2. A VAE on Fashion-MNIST: {args.epochs} epochs of SVI, then the test bounds\n")
     run_dir, result = vae_demo(
@@ -154,7 +154,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    from ppl_vae.runs.report import write_report
+    from ppl_vae.runs import write_report
 
     page = write_report(run_dir)
     print(f"{result}\nrun folder: {run_dir} (samples.png, reconstructions.png, history.csv)")
@@ -222,7 +222,7 @@ def _same_beta(saved: object, asked: object) -> bool:
 
 
 def _resume(args: argparse.Namespace):
-    from ppl_vae.runs.folder import resume_run, run_config
+    from ppl_vae.runs import resume_run, run_config
 
     if args.out is not None and Path(args.out) != Path(args.resume):
         raise ValueError(
@@ -248,9 +248,9 @@ def _resume(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ppl_vae.elbo.beta import parse_schedule
-    from ppl_vae.runs.folder import train_run
-    from ppl_vae.training.loop import TrainConfig
+    from ppl_vae.elbo import parse_schedule
+    from ppl_vae.runs import train_run
+    from ppl_vae.training import TrainConfig
 
     if args.resume is not None:
         run = _resume(args)
@@ -315,7 +315,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ppl_vae.runs.folder import evaluate_run
+    from ppl_vae.runs import evaluate_run
 
     result = evaluate_run(
         args.run,
@@ -331,7 +331,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from ppl_vae.runs.folder import sample_run
+    from ppl_vae.runs import sample_run
 
     for path in sample_run(args.run, num=args.num, seed=args.seed, device=args.device):
         print(f"written: {path}")
@@ -339,7 +339,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from ppl_vae.data.datasets import download
+    from ppl_vae.data import download
 
     print(f"downloaded to {download(args.name, args.root)}")
     return 0

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # imported lazily at run time: --help stays quick
-    from ppl_vae.vae.config import VAEConfig
+    from ppl_vae.vae import VAEConfig
 
 __all__ = [
     "THREADS_HELP",
@@ -114,7 +114,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, defaults: bool) -> N
 def vae_config_from_args(args: argparse.Namespace) -> VAEConfig:
     """The :class:`~ppl_vae.vae.config.VAEConfig` named by :func:`add_model_arguments`' flags
     (and ``--arch``, ``--sigma`` where the command has them)."""
-    from ppl_vae.vae.config import VAEConfig
+    from ppl_vae.vae import VAEConfig
 
     return VAEConfig(
         dataset=args.dataset,

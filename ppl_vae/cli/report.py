@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ppl_vae.runs.report import write_report
+from ppl_vae.runs import write_report
 
 __all__ = ["add_parser"]
 

@@ -14,8 +14,8 @@ from ppl_vae.cli.options import (
     thread_count,
     vae_config_from_args,
 )
-from ppl_vae.runs.sweep import DEFAULT_BETAS, SweepRow, format_table, parse_betas, run_sweep
-from ppl_vae.training.loop import TrainConfig
+from ppl_vae.runs import DEFAULT_BETAS, SweepRow, format_table, parse_betas, run_sweep
+from ppl_vae.training import TrainConfig
 
 __all__ = ["add_parser"]
 

@@ -20,6 +20,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 
 from ppl_vae.errors import ModelGuideMismatchError, NotEnumerableError, PairExecutionError
+from ppl_vae.rng import forked_rng
 
 __all__ = [
     "PARTICLE_PLATE",
@@ -379,7 +380,7 @@ def bind_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict[str, A
     enumeration cannot mix the two (the report says so). Binding runs the pair under a forked
     random stream, so the estimators that follow draw what they would have drawn without it.
     """
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng():
         return _bind(model, guide, args, kwargs)
 
 

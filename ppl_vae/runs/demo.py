@@ -8,7 +8,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from ppl_vae.elbo.check import CheckReport, check_pair, particle_sweep
+from ppl_vae.elbo import CheckReport, check_pair, particle_sweep
 from ppl_vae.errors import DatasetNotFoundError
 from ppl_vae.guides import binary_toy as toy_guide
 from ppl_vae.models import binary_toy as toy_model
@@ -57,8 +57,8 @@ def vae_demo(
     (about 30 s on 2 CPU cores for the default), then evaluate it on ``test_images``
     test images. Falls back to the 8x8 digits, saying so, when Fashion-MNIST is missing."""
     from ppl_vae.runs.folder import evaluate_run, train_run
-    from ppl_vae.training.loop import TrainConfig
-    from ppl_vae.vae.config import VAEConfig
+    from ppl_vae.training import TrainConfig
+    from ppl_vae.vae import VAEConfig
 
     train_config = TrainConfig(epochs=epochs, seed=seed, progress=progress)
     run_dir = Path(out_dir) / "vae-fashion-mnist"

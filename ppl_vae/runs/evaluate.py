@@ -27,18 +27,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppl_vae.elbo.evidence import iwae_log_evidence
-from ppl_vae.elbo.ledger import sampled_site_terms
-from ppl_vae.elbo.pair import inspect_pair
+from ppl_vae.atomic import json_ready
+from ppl_vae.elbo import inspect_pair, iwae_log_evidence, sampled_site_terms
 from ppl_vae.models.vae import check_data
-from ppl_vae.vae.diagnostics import (
+from ppl_vae.rng import forked_rng
+from ppl_vae.vae import (
     ACTIVE_THRESHOLD,
     active_units,
     collapse_warning,
     kl_per_dimension,
     posterior_moments,
+    vae_iwae,
 )
-from ppl_vae.vae.iwae import vae_iwae
 
 __all__ = ["FLOAT_BUDGET", "Evaluation", "evaluate"]
 
@@ -136,15 +136,15 @@ class Evaluation:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 if per_image:
-                    out[f.name] = [_json_float(v) for v in value.tolist()]
+                    out[f.name] = [json_ready(v) for v in value.tolist()]
                 continue
             if f.name.endswith("_per_image"):
                 continue
             if isinstance(value, tuple):
-                value = [_json_float(v) for v in value]
-            out[f.name] = _json_float(value)
+                value = [json_ready(v) for v in value]
+            out[f.name] = json_ready(value)
         for name in _DERIVED:
-            out[name] = _json_float(getattr(self, name))
+            out[name] = json_ready(getattr(self, name))
         return out
 
     def to_json(self, per_image: bool = False, **kwargs: Any) -> str:
@@ -206,12 +206,6 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def _json_float(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _nan(values: list) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
@@ -248,20 +242,6 @@ def _sizes(
 def _batches(images: Tensor, size: int) -> Iterator[Tensor]:
     for start in range(0, images.shape[0], size):
         yield images[start : start + size]
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed torch inside, and leave the caller's random state as it was."""
-    if seed is None:
-        yield
-        return
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def evaluate(
@@ -312,7 +292,8 @@ def evaluate(
     )
     kwargs = {"beta": 1.0, "check_data": False}
     start_time = time.perf_counter()
-    with _seeded(seed, images.device), torch.no_grad():
+    seeded = forked_rng(images.device, seed) if seed is not None else contextlib.nullcontext()
+    with seeded, torch.no_grad():
         structure = inspect_pair(model, guide, (images[:elbo_batch],), kwargs)
         recon_parts, kl_parts = [], []
         for x in _batches(images, elbo_batch):

@@ -24,22 +24,23 @@ from typing import Any
 import pyro
 import torch
 
-from ppl_vae.checkpoint.format import load_checkpoint, restore
-from ppl_vae.data.datasets import Dataset, load
-from ppl_vae.elbo.beta import parse_schedule
+from ppl_vae.atomic import write_json
+from ppl_vae.checkpoint import load_checkpoint, restore
+from ppl_vae.data import Dataset, load
+from ppl_vae.elbo import parse_schedule
 from ppl_vae.errors import CheckpointError, ConfigMismatchError, WriteError
 from ppl_vae.models import vae as vae_model
+from ppl_vae.rng import forked_rng
 from ppl_vae.runs.evaluate import Evaluation, evaluate
 from ppl_vae.runs.plots import image_grid, reconstructions_figure, save
-from ppl_vae.training.loop import (
+from ppl_vae.training import (
     History,
     TrainConfig,
     config_differences,
     fit,
     resolve_device,
-    write_text_atomically,
 )
-from ppl_vae.vae.config import VAE, VAEConfig, build_vae, resolve_binarize
+from ppl_vae.vae import VAE, VAEConfig, build_vae, resolve_binarize
 
 __all__ = [
     "TrainedRun",
@@ -63,11 +64,6 @@ class TrainedRun:
     train_config: TrainConfig
     dataset: Dataset
     history: History | None = None
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (:raises WriteError: when it cannot be written)."""
-    write_text_atomically(path, json.dumps(value, indent=2))
 
 
 def train_run(
@@ -114,7 +110,7 @@ def train_run(
         "beta": beta,
         "data": {"source": data.source, "train_subset": train_subset, "data_dir": data_dir},
     }
-    _write_json(out / CONFIG_FILE, settings)
+    write_json(out / CONFIG_FILE, settings)
     return _train(out, config, train_config, data, train_images, beta_schedule, resume=False)
 
 
@@ -295,8 +291,7 @@ def write_figures(run: TrainedRun, *, num: int = 100, seed: int = 0) -> list[Pat
     vae, data = run.vae, run.dataset
     vae.encoder.eval()
     vae.decoder.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with forked_rng(seed=seed):
         samples = vae_model.generate(vae.decoder, num, likelihood=vae.config.likelihood)
     inputs = data.test.images[:50]
     recons = vae_model.reconstruct(vae.encoder, vae.decoder, inputs, vae.config.likelihood)
@@ -331,7 +326,7 @@ def evaluate_run(
             iwae_samples=iwae_samples,
             progress=progress,
         )
-    _write_json(run.path / "evaluation.json", {"checkpoint": checkpoint, **result.to_dict()})
+    write_json(run.path / "evaluation.json", {"checkpoint": checkpoint, **result.to_dict()})
     return result
 
 

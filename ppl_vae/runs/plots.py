@@ -197,7 +197,7 @@ def training_curves_figure(
     :param min_rate: the collapse level drawn on the KL panel (default
         :data:`ppl_vae.vae.diagnostics.MIN_RATE`).
     """
-    from ppl_vae.vae.diagnostics import MIN_RATE
+    from ppl_vae.vae import MIN_RATE
 
     rows = _rows(history)
     min_rate = MIN_RATE if min_rate is None else min_rate
@@ -275,7 +275,7 @@ def _project(
     if kl_per_dim is None:
         if log_var is None:
             raise ValueError("the 'kl' projection needs log_var or kl_per_dim (or use 'pca')")
-        from ppl_vae.vae.diagnostics import kl_per_dimension
+        from ppl_vae.vae import kl_per_dimension
 
         kl = kl_per_dimension(mu, log_var)
     else:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ppl_vae.atomic import write_atomically
+from ppl_vae.rng import forked_rng
 
 __all__ = ["REPORT_DIR", "interpolate", "write_report"]
 
@@ -135,7 +136,7 @@ def _page(title: str, body: Sequence[str]) -> str:
 
 def _schedule(spec: Any):
     """The beta schedule of a run's ``config.json`` (``None`` when constant or unreadable)."""
-    from ppl_vae.elbo.beta import Constant, parse_schedule
+    from ppl_vae.elbo import Constant, parse_schedule
 
     try:
         schedule = parse_schedule(str(spec))
@@ -304,7 +305,7 @@ def _run_report(
         save,
         training_curves_figure,
     )
-    from ppl_vae.vae.diagnostics import (
+    from ppl_vae.vae import (
         DEFAULT_KS,
         active_units,
         collapse_warning,
@@ -381,8 +382,7 @@ def _run_report(
     )
 
     # 4. Samples, reconstructions, interpolations.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with forked_rng(seed=seed):
         samples = vae_model.generate(vae.decoder, 100, likelihood=likelihood)
     save(
         image_grid(samples, data.image_shape, title="E[x | z], z ~ N(0, I)"),

@@ -24,13 +24,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ppl_vae.atomic import write_atomically
+from ppl_vae.atomic import json_ready, write_atomically, write_json
 
 if TYPE_CHECKING:  # imported where used: the CLI builds its parser without them
     from matplotlib.figure import Figure
 
-    from ppl_vae.training.loop import TrainConfig
-    from ppl_vae.vae.config import VAEConfig
+    from ppl_vae.training import TrainConfig
+    from ppl_vae.vae import VAEConfig
 
 __all__ = [
     "DEFAULT_BETAS",
@@ -79,7 +79,7 @@ class SweepRow:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (non-finite floats as ``None``)."""
-        return {k: _json_float(v) for k, v in asdict(self).items()}
+        return json_ready(asdict(self))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SweepRow:
@@ -100,12 +100,6 @@ class SweepRow:
 
 SWEEP_COLUMNS = tuple(f.name for f in fields(SweepRow))
 """Columns of ``sweep.csv``, in order."""
-
-
-def _json_float(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def parse_betas(text: str | Iterable[float]) -> tuple[float, ...]:
@@ -155,8 +149,8 @@ def run_sweep(
     :param eval_device: where to evaluate (default: the training device).
     """
     from ppl_vae.runs.folder import evaluate_run, load_run, train_run
-    from ppl_vae.training.loop import resolve_device
-    from ppl_vae.vae.diagnostics import elbo_surgery, posterior_moments
+    from ppl_vae.training import resolve_device
+    from ppl_vae.vae import elbo_surgery, posterior_moments
 
     betas = parse_betas(betas)
     if iwae_k < 1:
@@ -234,7 +228,7 @@ def write_sweep(
         writer.writerow({k: "" if v is None else v for k, v in row.to_dict().items()})
     write_atomically(out / "sweep.csv", buffer.getvalue())
     document = {**(meta or {}), "rows": [row.to_dict() for row in rows]}
-    write_atomically(out / SWEEP_FILE, json.dumps(document, indent=1, allow_nan=False) + "\n")
+    write_json(out / SWEEP_FILE, document, indent=1)
     figure = save(sweep_figure(rows), out / "rate_distortion.png")
     return [out / "sweep.csv", out / SWEEP_FILE, figure]
 

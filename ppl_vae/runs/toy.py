@@ -8,8 +8,7 @@ from collections.abc import Iterable
 import pyro
 import torch
 
-from ppl_vae.elbo.evidence import exact_log_evidence
-from ppl_vae.elbo.ledger import elbo_ledger
+from ppl_vae.elbo import elbo_ledger, exact_log_evidence
 from ppl_vae.guides import binary_toy as toy_guide
 from ppl_vae.models import binary_toy as toy_model
 

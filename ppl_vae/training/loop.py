@@ -63,7 +63,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyro
 import pyro.optim
 import torch
@@ -72,8 +71,8 @@ from pyro.infer import ELBO, SVI
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppl_vae.atomic import write_atomically
-from ppl_vae.checkpoint.format import (
+from ppl_vae.atomic import json_ready, write_atomically, write_json
+from ppl_vae.checkpoint import (
     Checkpoint,
     load_checkpoint,
     remove_stale_temporaries,
@@ -82,11 +81,15 @@ from ppl_vae.checkpoint.format import (
     restore_rng,
     save_checkpoint,
 )
-from ppl_vae.data.datasets import batches, binarize
-from ppl_vae.elbo.beta import FreeBits
-from ppl_vae.elbo.ledger import sampled_site_terms
-from ppl_vae.elbo.pair import PairStructure, inspect_pair
-from ppl_vae.elbo.pyro_elbos import ELBOS, elbo_by_name
+from ppl_vae.data import batches, binarize
+from ppl_vae.elbo import (
+    ELBOS,
+    FreeBits,
+    PairStructure,
+    elbo_by_name,
+    inspect_pair,
+    sampled_site_terms,
+)
 from ppl_vae.errors import (
     CheckpointError,
     ConfigMismatchError,
@@ -95,6 +98,7 @@ from ppl_vae.errors import (
     TrainingInterrupted,
     WriteError,
 )
+from ppl_vae.rng import forked_rng, sub_seed
 
 __all__ = [
     "ELBOS",
@@ -111,7 +115,6 @@ __all__ = [
     "fit",
     "make_elbo",
     "resolve_device",
-    "write_text_atomically",
 ]
 
 ENGINES = ("fast", "svi")
@@ -333,26 +336,6 @@ def make_elbo(config: TrainConfig) -> ELBO:
     )
 
 
-def _sub_seed(seed: int, *stream: int) -> int:
-    return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
-
-
-@contextlib.contextmanager
-def _forked_rng(device: torch.device, seed: int | None = None) -> Iterator[None]:
-    """Run a block without moving the global torch RNG (CPU and the CUDA device in use);
-    with ``seed``, the block draws from a fresh stream seeded by it."""
-    cuda = device.type == "cuda"
-    devices = []
-    if cuda:
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)
-            if cuda:
-                torch.cuda.manual_seed(seed)
-        yield
-
-
 @contextlib.contextmanager
 def _threads(n: int | None) -> Iterator[None]:
     if n is None:
@@ -366,29 +349,15 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically (:func:`ppl_vae.atomic.write_atomically`).
-
-    :raises WriteError: when it cannot be written (the old file is then unchanged).
-    """
-    write_atomically(path, text)
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _write_history(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    clean = [{k: _json_number(row[k]) for k in HISTORY_COLUMNS} for row in rows]
-    write_text_atomically(out_dir / "history.json", json.dumps(clean, indent=1) + "\n")
+    clean = [json_ready({k: row[k] for k in HISTORY_COLUMNS}) for row in rows]
+    write_json(out_dir / "history.json", clean, indent=1)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in clean:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    write_text_atomically(out_dir / "history.csv", buffer.getvalue())
+    write_atomically(out_dir / "history.csv", buffer.getvalue())
 
 
 def _check_images(images: Tensor, name: str) -> None:
@@ -432,7 +401,7 @@ class _FastEngine:
         self.elbos: dict[torch.Size, ELBO] = {}
         # Registering the params draws from the guide: do it off the main stream, so both
         # engines draw the same numbers from the same seed.
-        with _forked_rng(device):
+        with forked_rng(device):
             _register_params(model, guide, binarize(x0) if binary else x0, kwargs)
         store = pyro.get_param_store()
         self.names = list(store.keys())
@@ -461,7 +430,7 @@ class _FastEngine:
                 # Compiling runs model and guide twice more (Pyro's parameter capture, then
                 # torch.jit.trace): do it off the main random stream, so that a Jit run draws
                 # what the plain ELBO draws, and a resumed run what the uninterrupted one did.
-                with _forked_rng(self.device):
+                with forked_rng(self.device):
                     elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
         if self.autocast:  # the forward pass only; backward runs each op in its forward dtype
             with torch.autocast(self.device_type, dtype=torch.bfloat16):
@@ -577,9 +546,9 @@ class _Validator:
                 # validation of a process draws the same numbers as every other one (an
                 # epoch validated after a resume included).
                 first = self.images[: self.batch_size]
-                with torch.no_grad(), _forked_rng(self.device):
+                with torch.no_grad(), forked_rng(self.device):
                     self.structure = inspect_pair(self.model, self.guide, (first,), kwargs)
-            with torch.no_grad(), _forked_rng(self.device, self.seed):
+            with torch.no_grad(), forked_rng(self.device, self.seed):
                 for x in batches(self.images, self.batch_size, shuffle=False):
                     terms = sampled_site_terms(
                         self.model,
@@ -983,7 +952,7 @@ class _Loop:
                 self.x_val,
                 kwargs,
                 config.eval_batch_size or max(self.bs, _EVAL_BATCH),
-                _sub_seed(config.seed, _STREAM_VALIDATION),
+                sub_seed(config.seed, _STREAM_VALIDATION),
                 device,
                 modules,
             )
@@ -1205,7 +1174,7 @@ class _Loop:
             kwargs = {**self.kwargs, "beta": bad.beta}
             with (
                 torch.no_grad(),
-                _forked_rng(self.device),
+                forked_rng(self.device),
                 pyro.validation_enabled(False),
                 warnings.catch_warnings(),
             ):
@@ -1263,7 +1232,7 @@ class _Loop:
     def _epoch_order(self, epoch: int) -> Tensor:
         """The epoch's permutation: a stream per epoch, so the order depends on (seed, epoch)
         only and the position in it says where a resumed run continues."""
-        self.order.manual_seed(_sub_seed(self.config.seed, _STREAM_BATCH_ORDER, epoch))
+        self.order.manual_seed(sub_seed(self.config.seed, _STREAM_BATCH_ORDER, epoch))
         perm = torch.randperm(self.n, generator=self.order, device=self.order.device)
         return perm.to(self.x_train.device)
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ppl_vae.rng import forked_rng
 
 __all__ = [
     "ACTIVE_THRESHOLD",
@@ -388,10 +391,8 @@ def iwae_curve(
     k_max = ks[-1]
     per_k: list[list[Tensor]] = [[] for _ in ks]
     elbo_parts: list[Tensor] = []
-    devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.no_grad():
-        if seed is not None:
-            torch.manual_seed(seed)
+    seeded = forked_rng(images.device, seed) if seed is not None else contextlib.nullcontext()
+    with seeded, torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size]  # (B, D)
             moments = encoder(x)

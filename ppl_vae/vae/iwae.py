@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppl_vae.elbo.fastmath import bernoulli_log_prob, linear_bernoulli_log_prob
+from ppl_vae.elbo import bernoulli_log_prob, linear_bernoulli_log_prob
 from ppl_vae.models.vae import observation
 from ppl_vae.vae.networks import Decoder
 
