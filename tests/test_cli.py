@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from ppl_vae.cli.commands import load_callable, load_data, main
+from ppl_vae.cli.check import load_callable, load_data
+from ppl_vae.cli.commands import main
 
 USER_PAIR = textwrap.dedent(
     """
@@ -218,3 +219,90 @@ def test_check_unknown_estimator_is_one_line(tmp_path, capsys):
     code = main(["check", f"{path}:model", f"{path}:guide", "--estimators", "trace,bogus"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown estimator 'bogus'" in err
+
+
+def test_module_that_does_not_import_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_module.py").write_text("raise RuntimeError('broken at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["check", "broken_module:model", "broken_module:guide"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot import 'broken_module': RuntimeError: broken at import" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_not_callable_is_a_clear_error(capsys):
+    assert main(["check", "ppl_vae.cli.commands:__all__", "ppl_vae.guides.binary_toy:guide"]) == 2
+    assert "'ppl_vae.cli.commands:__all__' is not callable" in capsys.readouterr().err
+
+
+# --- train: flags made from the configuration dataclasses.
+
+
+def _train_args(argv):
+    from ppl_vae.cli.commands import build_parser
+
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_train_help_shows_the_configurations_defaults(capsys):
+    from ppl_vae.elbo import ELBOS
+    from ppl_vae.training import TrainConfig
+    from ppl_vae.vae import VAEConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    train, vae = TrainConfig(), VAEConfig()
+    assert f"images per step (default: {train.batch_size})" in out
+    assert f"Adam's rate (default: {train.lr:g})" in out
+    assert f"latent size (default: {vae.z_dim})" in out
+    assert "--elbo {" + ",".join(ELBOS) + "}" in out
+
+
+def test_train_flags_are_none_unless_given_and_land_in_their_place():
+    from ppl_vae.cli.config_flags import given_settings
+    from ppl_vae.cli.train import _PLACES
+
+    args = _train_args([])
+    assert all(getattr(args, dest) is None for dest in _PLACES)
+    args = _train_args(
+        ["--z-dim", "8", "--hidden", "30,20", "--particles", "2", "--lr", "0.01", "--beta", "2",
+         "--train-subset", "5", "--elbo", "trace"]
+    )  # fmt: skip
+    assert given_settings(args, _PLACES) == {
+        "vae": {"z_dim": 8, "hidden": [30, 20]},
+        "train": {"num_particles": 2, "lr": 0.01, "elbo": "trace"},
+        "beta": "2",
+        "data": {"train_subset": 5},
+    }
+
+
+def test_train_places_are_fields_of_the_run_config():
+    from ppl_vae.cli.train import _PLACES
+    from ppl_vae.training import RUNTIME_SETTINGS, TrainConfig
+    from ppl_vae.vae import VAEConfig
+
+    fields = {"vae": set(VAEConfig().to_dict()), "train": set(TrainConfig().to_dict())}
+    for place in _PLACES.values():
+        if place[0] in fields:
+            assert place[1] in fields[place[0]] and place[1] not in RUNTIME_SETTINGS, place
+
+
+def test_sweep_defaults_are_the_configurations():
+    import argparse
+
+    from ppl_vae.cli import sweep
+    from ppl_vae.training import TrainConfig
+    from ppl_vae.vae import VAEConfig
+
+    parser = argparse.ArgumentParser()
+    sweep.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["sweep", "--out", "unused"])
+    train, vae = TrainConfig(), VAEConfig()
+    assert (args.epochs, args.batch_size, args.lr, args.seed, args.device) == (
+        train.epochs, train.batch_size, train.lr, train.seed, train.device
+    )  # fmt: skip
+    assert (args.dataset, args.likelihood, args.z_dim, args.hidden) == (
+        vae.dataset, vae.likelihood, vae.z_dim, vae.hidden
+    )  # fmt: skip

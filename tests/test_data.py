@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae.data import datasets as data
+import ppl_vae.data as data
+from ppl_vae.data import files as data_files
 from ppl_vae.errors import DataError, DatasetNotFoundError
 
 N_TRAIN = 30
@@ -66,7 +67,7 @@ def write_dataset(folder: Path, *, gz: bool = False, seed: int = 0) -> dict[str,
 @pytest.fixture(autouse=True)
 def no_system_dirs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the Debian folder, the user cache and $PPL_VAE_DATA out of every test."""
-    monkeypatch.setattr(data, "default_search_dirs", lambda name: [])
+    monkeypatch.setattr(data_files, "default_search_dirs", lambda name: [])
     monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
 
 
@@ -144,7 +145,7 @@ def test_default_search_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 
 def test_not_found_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "default_search_dirs", lambda name: [tmp_path / "cache"])
+    monkeypatch.setattr(data_files, "default_search_dirs", lambda name: [tmp_path / "cache"])
     with pytest.raises(DatasetNotFoundError) as info:
         data.load("fashion-mnist", data_dir=tmp_path / "nowhere")
     message = str(info.value)
@@ -249,7 +250,7 @@ def test_read_idx_messages(tmp_path: Path) -> None:
 
 
 def test_debian_files_suggest_reinstall() -> None:
-    fix = data._fix_for("fashion-mnist", data.DEBIAN_DIRS["fashion-mnist"] / "x.gz")
+    fix = data_files._fix_for("fashion-mnist", data.DEBIAN_DIRS["fashion-mnist"] / "x.gz")
     assert "apt-get install --reinstall dataset-fashion-mnist" in fix
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae.data import datasets as data
+import ppl_vae.data as data
+from ppl_vae.data import files as data_files
 from ppl_vae.errors import DataError
 
 FILES = {
@@ -130,7 +131,7 @@ def test_fuzz_read_idx(tmp_path: Path) -> None:
 
 def test_fuzz_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Damage one of the four files of a small dataset: load gives a DataError or a dataset."""
-    monkeypatch.setattr(data, "default_search_dirs", lambda name: [])
+    monkeypatch.setattr(data_files, "default_search_dirs", lambda name: [])
     monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
     rng = random.Random(1)
     np_rng = np.random.default_rng(1)

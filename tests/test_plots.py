@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ppl_vae.elbo import LinearWarmup
-from ppl_vae.runs import plots
+from ppl_vae.runs import image_plots, latent_plots, training_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,31 +31,33 @@ def _figures():
     labels = torch.arange(40) % 3
     qs = [0.1, 0.5, 0.8, 0.9]
     return {
-        "training_curves": lambda: plots.training_curves_figure(HISTORY),
-        "training_curves_schedule": lambda: plots.training_curves_figure(
+        "training_curves": lambda: training_plots.training_curves_figure(HISTORY),
+        "training_curves_schedule": lambda: training_plots.training_curves_figure(
             HISTORY, schedule=LinearWarmup(25)
         ),
-        "latent_space_kl": lambda: plots.latent_space_figure(mu, labels, log_var=log_var),
-        "latent_space_pca": lambda: plots.latent_space_figure(mu, labels, projection="pca"),
-        "latent_space_2d": lambda: plots.latent_space_figure(mu[:, :2]),
-        "latent_space_1d": lambda: plots.latent_space_figure(mu[:, :1], labels),
-        "gaussian_kl": lambda: plots.gaussian_kl_figure(n=30),
-        "samples": lambda: plots.image_grid(torch.rand(12, 16), (1, 4, 4), ncol=6),
-        "reconstructions": lambda: plots.reconstructions_figure(
+        "latent_space_kl": lambda: latent_plots.latent_space_figure(mu, labels, log_var=log_var),
+        "latent_space_pca": lambda: latent_plots.latent_space_figure(mu, labels, projection="pca"),
+        "latent_space_2d": lambda: latent_plots.latent_space_figure(mu[:, :2]),
+        "latent_space_1d": lambda: latent_plots.latent_space_figure(mu[:, :1], labels),
+        "gaussian_kl": lambda: latent_plots.gaussian_kl_figure(n=30),
+        "samples": lambda: image_plots.image_grid(torch.rand(12, 16), (1, 4, 4), ncol=6),
+        "reconstructions": lambda: image_plots.reconstructions_figure(
             torch.rand(10, 16), torch.rand(10, 16), (1, 4, 4)
         ),
-        "interpolations": lambda: plots.interpolations_figure(torch.rand(2, 5, 16), (1, 4, 4)),
-        "rate_distortion": lambda: plots.rate_distortion_figure(
+        "interpolations": lambda: image_plots.interpolations_figure(
+            torch.rand(2, 5, 16), (1, 4, 4)
+        ),
+        "rate_distortion": lambda: latent_plots.rate_distortion_figure(
             [8.0, 4.0, 1.0], [20.0, 23.0, 30.0], [0.5, 1.0, 4.0]
         ),
-        "rate_distortion_one_point": lambda: plots.rate_distortion_figure([0.0], [30.0]),
-        "iwae": lambda: plots.iwae_figure(
+        "rate_distortion_one_point": lambda: latent_plots.rate_distortion_figure([0.0], [30.0]),
+        "iwae": lambda: latent_plots.iwae_figure(
             [1, 10, 100], [-30.0, -29.6, -29.5], -30.0, iwae_se=[0.05, 0.05, 0.05]
         ),
-        "toy_gap": lambda: plots.toy_gap_figure(
+        "toy_gap": lambda: latent_plots.toy_gap_figure(
             qs, [q * math.log(0.8) + (1 - q) * math.log(0.2) for q in qs], math.log(0.5)
         ),
-        "particles": lambda: plots.particles_figure(
+        "particles": lambda: training_plots.particles_figure(
             [10, 100], [-0.7, -0.72], [0.02, 0.01], -0.72, -0.69
         ),
     }
@@ -63,26 +65,47 @@ def _figures():
 
 @pytest.mark.parametrize("name", sorted(_figures()))
 def test_figure_writes_a_png(name, tmp_path):
-    path = plots.save(_figures()[name](), tmp_path / "sub" / f"{name}.png")
+    path = image_plots.save(_figures()[name](), tmp_path / "sub" / f"{name}.png")
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 1000
 
 
 def test_figures_refuse_inputs_they_cannot_draw():
     with pytest.raises(ValueError, match="no rows"):
-        plots.training_curves_figure([])
+        training_plots.training_curves_figure([])
     with pytest.raises(ValueError, match="projection"):
-        plots.latent_space_figure(torch.zeros(5, 3), projection="tsne")
+        latent_plots.latent_space_figure(torch.zeros(5, 3), projection="tsne")
     with pytest.raises(ValueError, match="log_var or kl_per_dim"):
-        plots.latent_space_figure(torch.zeros(5, 3))
+        latent_plots.latent_space_figure(torch.zeros(5, 3))
     with pytest.raises(ValueError, match="same length"):
-        plots.rate_distortion_figure([1.0, 2.0], [3.0])
+        latent_plots.rate_distortion_figure([1.0, 2.0], [3.0])
     with pytest.raises(ValueError, match="steps >= 2"):
-        plots.interpolations_figure(torch.rand(2, 1, 16), (1, 4, 4))
+        image_plots.interpolations_figure(torch.rand(2, 1, 16), (1, 4, 4))
 
 
 def test_warmup_spans_follow_the_schedule():
-    assert plots._warmup_spans(LinearWarmup(25), HISTORY, 40) == [(0, 25)]
-    assert plots._warmup_spans(None, HISTORY, 40) == [(0, 30)]  # beta < 1 up to epoch 2's end
+    assert training_plots._warmup_spans(LinearWarmup(25), HISTORY, 40) == [(0, 25)]
+    assert training_plots._warmup_spans(None, HISTORY, 40) == [
+        (0, 30)
+    ]  # beta < 1 up to epoch 2's end
     constant = [{**row, "beta": 1.0} for row in HISTORY]
-    assert plots._warmup_spans(None, constant, 40) == []
+    assert training_plots._warmup_spans(None, constant, 40) == []
+
+
+@pytest.mark.parametrize(
+    ("n", "shape", "ncol"), [(12, (1, 4, 4), 6), (13, (4, 4), 5), (6, (3, 2, 3), 3)]
+)
+def test_image_tiles_sit_in_a_grid_with_one_pixel_lines(n, shape, ncol):
+    # Written out by index: tile i at row i // ncol, column i % ncol, each tile h x w after a
+    # 1-pixel line of value 1, the lines also framing the grid; empty cells stay 1.
+    c, h, w = (1, *shape) if len(shape) == 2 else shape
+    images = torch.rand(n, c * h * w, generator=torch.Generator().manual_seed(n)) * 1.2 - 0.1
+    canvas = image_plots._tile(images, shape, ncol)
+    rows = -(-n // ncol)
+    expected = torch.ones(c, rows * (h + 1) + 1, ncol * (w + 1) + 1)
+    tiles = images.clamp(0, 1).reshape(n, c, h, w)
+    for i in range(n):
+        top, left = 1 + (i // ncol) * (h + 1), 1 + (i % ncol) * (w + 1)
+        expected[:, top : top + h, left : left + w] = tiles[i]
+    expected = expected[0] if c == 1 else expected.permute(1, 2, 0)
+    assert torch.equal(canvas, expected)

@@ -1,29 +1,31 @@
-"""Command-line options that several commands share: integer ranges, threads, and the data and
-model flags of ``train`` and ``sweep`` with the :class:`~ppl_vae.vae.config.VAEConfig` they name.
+"""Command-line options that several commands share: integer ranges and layer sizes as argparse
+types, and the flags written once for all commands that take them (--threads, --data-dir,
+--device, --checkpoint, --seed, --no-progress).
 
-Below the commands (``cli``, ``sweep``), so that they import it and not each other.
+Below the command modules, so that they import it and not each other. The flags that set a
+configuration's fields are generated in :mod:`ppl_vae.cli.config_flags`.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # imported lazily at run time: --help stays quick
-    from ppl_vae.vae import VAEConfig
-
 __all__ = [
     "THREADS_HELP",
-    "add_model_arguments",
+    "add_checkpoint_argument",
+    "add_data_dir_argument",
+    "add_device_argument",
+    "add_no_progress_argument",
+    "add_seed_argument",
+    "add_threads_argument",
     "at_least_two",
     "hidden_sizes",
     "integer_at_least",
     "set_threads",
     "thread_count",
-    "vae_config_from_args",
 ]
 
 
@@ -72,56 +74,40 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
     return values
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
-    """The data and model flags that ``train`` and ``sweep`` share: --dataset, --data-dir,
-    --likelihood, --binarize, --z-dim, --hidden. With ``defaults=False`` every value is left
-    ``None`` when not given (``train`` compares the ones given with a resumed run's)."""
+def add_threads_argument(parser: argparse.ArgumentParser, help: str = THREADS_HELP) -> None:
+    """``--threads N``: torch's CPU threads (``None`` when not given)."""
+    parser.add_argument("--threads", type=thread_count, default=None, help=help)
 
-    def default(value: object) -> object:
-        return value if defaults else None
 
-    parser.add_argument(
-        "--dataset",
-        choices=("digits", "fashion-mnist", "mnist"),
-        default=default("fashion-mnist"),
-        help="data set (default: fashion-mnist); digits ships with scikit-learn, the others "
-        "are read from --data-dir, $PPL_VAE_DATA, the Debian package or the download cache",
-    )
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir FOLDER``: where the data set's IDX files are."""
     parser.add_argument("--data-dir", help="folder holding the IDX files of the data set")
+
+
+def add_device_argument(
+    parser: argparse.ArgumentParser,
+    default: str | None = "cpu",
+    help: str = "cpu or cuda (default: %(default)s)",
+) -> None:
+    """``--device``: where the networks run; evaluation and drawing default to the CPU."""
+    parser.add_argument("--device", default=default, help=help)
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint best|last``: which of a run's checkpoints to load."""
     parser.add_argument(
-        "--likelihood",
-        choices=("bernoulli", "gaussian", "continuous-bernoulli"),
-        default=default("bernoulli"),
-        help="p(x | z) (default: bernoulli)",
-    )
-    parser.add_argument(
-        "--binarize",
-        choices=("none", "static", "dynamic"),
-        default=None,
-        help="binarisation of the grey images: none, static (once, seeded) or "
-        "dynamic (a fresh draw every epoch; the test set binarised once). "
-        "Default: dynamic for bernoulli, none otherwise",
-    )
-    parser.add_argument("--z-dim", type=int, default=default(20), help="latent size (default: 20)")
-    parser.add_argument(
-        "--hidden",
-        type=hidden_sizes,
-        default=default((400,)),
-        help="hidden layer sizes, e.g. 400 or 300,300 (default: 400)",
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="which checkpoint (default: %(default)s)",
     )
 
 
-def vae_config_from_args(args: argparse.Namespace) -> VAEConfig:
-    """The :class:`~ppl_vae.vae.config.VAEConfig` named by :func:`add_model_arguments`' flags
-    (and ``--arch``, ``--sigma`` where the command has them)."""
-    from ppl_vae.vae import VAEConfig
+def add_seed_argument(parser: argparse.ArgumentParser) -> None:
+    """``--seed N`` of the commands whose seed is no training setting (default 0)."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
-    return VAEConfig(
-        dataset=args.dataset,
-        likelihood=args.likelihood,
-        binarize=args.binarize,
-        z_dim=args.z_dim,
-        hidden=args.hidden,
-        arch=getattr(args, "arch", None) or "mlp",
-        sigma=getattr(args, "sigma", None),
-    )
+
+def add_no_progress_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--no-progress``: no tqdm bars (logs and pipes)."""
+    parser.add_argument("--no-progress", action="store_true", help=help)

@@ -1,17 +1,27 @@
 """``ppl-vae report``: an offline HTML page of a run's or a sweep's figures and numbers
-(:mod:`ppl_vae.runs.report`)."""
+(:mod:`ppl_vae.runs.report`).
+
+Its key numbers: ELBO = -(D + R) for distortion D and rate R, with the rate split as
+R = I_q(x;z) + KL(q(z) || p(z)), and the IWAE bound against K.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ppl_vae.cli.options import (
+    add_checkpoint_argument,
+    add_data_dir_argument,
+    add_device_argument,
+    add_seed_argument,
+)
 from ppl_vae.runs import write_report
 
 __all__ = ["add_parser"]
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     index = write_report(
         args.run,
         out=args.out,
@@ -48,14 +58,9 @@ def add_parser(subparsers: Any) -> None:
         "run", help="a run folder ('ppl-vae train') or sweep folder ('ppl-vae sweep')"
     )
     report.add_argument("--out", default=None, help="the report's folder (default: RUN/report)")
-    report.add_argument(
-        "--checkpoint",
-        choices=("best", "last"),
-        default="best",
-        help="which checkpoint (default: %(default)s)",
-    )
-    report.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    report.add_argument("--data-dir", help="folder holding the IDX files of the data set")
+    add_checkpoint_argument(report)
+    add_device_argument(report)
+    add_data_dir_argument(report)
     report.add_argument(
         "--iwae-k",
         type=int,
@@ -74,8 +79,8 @@ def add_parser(subparsers: Any) -> None:
         default=2000,
         help="test images encoded for the latent space and ELBO surgery (default: %(default)s)",
     )
-    report.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add_seed_argument(report)
     report.add_argument(
         "--no-runs", action="store_true", help="for a sweep: do not write each run's report"
     )
-    report.set_defaults(handler=_cmd_report)
+    report.set_defaults(handler=_run)

@@ -1,23 +1,45 @@
 """``ppl-vae sweep``: one run per KL weight beta, each evaluated at beta = 1, and the
-rate-distortion plane (:mod:`ppl_vae.runs.sweep`)."""
+rate-distortion plane (:mod:`ppl_vae.runs.sweep`).
+
+Training with beta minimises D + beta R (distortion D = -E_q[log p(x|z)], rate
+R = KL(q(z|x) || p(z))), so each beta gives one point of the plane; -ELBO = D + R.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ppl_vae.cli.options import (
-    THREADS_HELP,
+from ppl_vae.cli.config_flags import (
+    BATCH_SIZE,
+    EPOCHS,
+    LR,
+    SEED,
+    add_flags,
     add_model_arguments,
-    set_threads,
-    thread_count,
+    build_config,
+    config_default,
     vae_config_from_args,
+)
+from ppl_vae.cli.options import (
+    add_device_argument,
+    add_no_progress_argument,
+    add_threads_argument,
+    set_threads,
 )
 from ppl_vae.runs import DEFAULT_BETAS, SweepRow, format_table, parse_betas, run_sweep
 from ppl_vae.training import TrainConfig
 
 __all__ = ["add_parser"]
+
+_TRAIN_FLAGS = (
+    dataclasses.replace(EPOCHS, help="passes over the data per run (default: {default})"),
+    BATCH_SIZE,
+    LR,
+    dataclasses.replace(SEED, help="random seed, the same for every run (default: {default})"),
+)
 
 
 def _betas(text: str) -> tuple[float, ...]:
@@ -27,16 +49,11 @@ def _betas(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     vae_config = vae_config_from_args(args)
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
+    train_config = build_config(
+        TrainConfig, args, _TRAIN_FLAGS, device=args.device, progress=not args.no_progress
     )
 
     def report(row: SweepRow) -> None:
@@ -84,22 +101,14 @@ def add_parser(subparsers: Any) -> None:
         "--beta 0.1,0.25,0.5,1,2,4,8 --out runs/sweep-digits",
     )
     add_model_arguments(sweep, defaults=True)
+    betas = ",".join(f"{beta:g}" for beta in DEFAULT_BETAS)
     sweep.add_argument(
         "--beta",
         type=_betas,
         default=DEFAULT_BETAS,
-        help="comma-separated KL weights, one run each (default: 0.1,0.25,0.5,1,2,4,8)",
+        help=f"comma-separated KL weights, one run each (default: {betas})",
     )
-    sweep.add_argument(
-        "--epochs", type=int, default=10, help="passes over the data per run (default: %(default)s)"
-    )
-    sweep.add_argument(
-        "--batch-size", type=int, default=128, help="images per step (default: %(default)s)"
-    )
-    sweep.add_argument("--lr", type=float, default=1e-3, help="Adam's rate (default: %(default)s)")
-    sweep.add_argument(
-        "--seed", type=int, default=0, help="random seed, the same for every run (default: 0)"
-    )
+    add_flags(sweep, _TRAIN_FLAGS, defaults=True)
     sweep.add_argument(
         "--train-subset",
         type=int,
@@ -118,12 +127,12 @@ def add_parser(subparsers: Any) -> None:
         default=1000,
         help="test images each run is evaluated on (default: %(default)s)",
     )
-    sweep.add_argument(
-        "--device",
-        default="auto",
+    add_device_argument(
+        sweep,
+        default=config_default(TrainConfig, "device"),
         help="cpu, cuda or auto (CUDA when present; default: %(default)s)",
     )
     sweep.add_argument("--out", required=True, help="sweep folder to write, e.g. runs/sweep")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sweep.add_argument("--threads", type=thread_count, default=None, help=THREADS_HELP)
-    sweep.set_defaults(handler=_cmd_sweep)
+    add_no_progress_argument(sweep, "no progress bars")
+    add_threads_argument(sweep)
+    sweep.set_defaults(handler=_run)

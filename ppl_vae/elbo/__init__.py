@@ -11,7 +11,8 @@ from ppl_vae.elbo.beta import (
     kl_scale,
     parse_schedule,
 )
-from ppl_vae.elbo.check import CheckReport, SweepPoint, check_pair, particle_sweep
+from ppl_vae.elbo.check import SweepPoint, check_pair, particle_sweep
+from ppl_vae.elbo.check_report import CheckReport
 from ppl_vae.elbo.evidence import IWAEEstimate, exact_log_evidence, iwae_log_evidence
 from ppl_vae.elbo.fastmath import (
     BernoulliLogits,
@@ -28,6 +29,7 @@ from ppl_vae.elbo.gradcheck import (
     format_comparisons,
     parse_estimators,
 )
+from ppl_vae.elbo.importance_weighted import IWAE_ELBO, DReGIWAE_ELBO
 from ppl_vae.elbo.ledger import (
     MARGINAL_TERM,
     REPEATS,
@@ -37,7 +39,7 @@ from ppl_vae.elbo.ledger import (
     elbo_ledger,
     sampled_site_terms,
 )
-from ppl_vae.elbo.objectives import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
+from ppl_vae.elbo.objectives import STLTrace_ELBO
 from ppl_vae.elbo.pair import (
     PARTICLE_PLATE,
     BoundPair,

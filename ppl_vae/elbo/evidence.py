@@ -161,6 +161,18 @@ def _subsample_factor(trace, plate_names: set[str]) -> float:
     return frames_subsample_factor(frames.values())
 
 
+def _log_weights(model_trace, guide_trace, keep: tuple[int, ...], rank: int) -> Tensor:
+    """log w = log p(x, z) - log q(z | x) from masked, unscaled log-densities, summed over
+    everything but the particle dim and the plates every site shares: (n, 1.., plate sizes..)."""
+    return sum(
+        sign
+        * sum_except(scale_and_mask(site["unscaled_log_prob"], mask=site.get("mask")), keep, rank)
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0))
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and "unscaled_log_prob" in site
+    )
+
+
 def iwae_log_evidence(
     model: Callable,
     guide: Callable,
@@ -215,17 +227,7 @@ def iwae_log_evidence(
             )
             if start == 0:
                 scale = _subsample_factor(model_trace, {name for name, _, _ in shared_plates})
-            # log w = log p(x, z) - log q(z | x), summed over everything but the particle
-            # dim and the plates every site shares: shape (n, 1.., plate sizes..).
-            log_w = sum(
-                sign
-                * sum_except(
-                    scale_and_mask(site["unscaled_log_prob"], mask=site.get("mask")), keep, rank
-                )
-                for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0))
-                for site in trace.nodes.values()
-                if site["type"] == "sample" and "unscaled_log_prob" in site
-            )
+            log_w = _log_weights(model_trace, guide_trace, keep, rank)
             if start == 0:
                 dtype = torch.promote_types(log_w.dtype, dtype)
             log_w = log_w.double()

@@ -35,7 +35,8 @@ from pyro.infer import (
 )
 from scipy import stats
 
-from ppl_vae.elbo.objectives import IWAE_ELBO, DReGIWAE_ELBO, STLTrace_ELBO
+from ppl_vae.elbo.importance_weighted import IWAE_ELBO, DReGIWAE_ELBO
+from ppl_vae.elbo.objectives import STLTrace_ELBO
 from ppl_vae.elbo.pair import BoundPair
 from ppl_vae.elbo.pyro_elbos import PatchedJitTrace_ELBO, PatchedJitTraceMeanField_ELBO
 from ppl_vae.errors import ArgumentError

@@ -3,7 +3,8 @@ plots and the demo.
 """
 
 from ppl_vae.runs.demo import binary_toy_demo, vae_demo
-from ppl_vae.runs.evaluate import FLOAT_BUDGET, Evaluation, evaluate
+from ppl_vae.runs.evaluate import FLOAT_BUDGET, LogEvidence, evaluate, vae_log_evidence
+from ppl_vae.runs.evaluation import Evaluation
 from ppl_vae.runs.folder import (
     TrainedRun,
     evaluate_run,
@@ -13,20 +14,16 @@ from ppl_vae.runs.folder import (
     sample_run,
     train_run,
 )
-from ppl_vae.runs.plots import (
+from ppl_vae.runs.image_plots import image_grid, interpolations_figure, reconstructions_figure, save
+from ppl_vae.runs.latent_plots import (
     gaussian_kl_figure,
-    image_grid,
-    interpolations_figure,
     iwae_figure,
     latent_space_figure,
-    particles_figure,
     rate_distortion_figure,
-    reconstructions_figure,
-    save,
     toy_gap_figure,
-    training_curves_figure,
 )
-from ppl_vae.runs.report import REPORT_DIR, interpolate, write_report
+from ppl_vae.runs.page import format_value, html_cell, html_figure, html_page, html_table, read_json
+from ppl_vae.runs.report import REPORT_DIR, write_report
 from ppl_vae.runs.sweep import (
     DEFAULT_BETAS,
     SWEEP_COLUMNS,
@@ -39,7 +36,10 @@ from ppl_vae.runs.sweep import (
     sweep_figure,
     write_sweep,
 )
+from ppl_vae.runs.sweep_report import write_sweep_report
 from ppl_vae.runs.toy import toy_elbo_curve
+from ppl_vae.runs.training_plots import particles_figure, training_curves_figure
+from ppl_vae.vae import interpolate  # still importable from ppl_vae.runs, where it began
 
 __all__ = [
     "DEFAULT_BETAS",
@@ -47,13 +47,19 @@ __all__ = [
     "REPORT_DIR",
     "SWEEP_COLUMNS",
     "Evaluation",
+    "LogEvidence",
     "SweepRow",
     "TrainedRun",
     "binary_toy_demo",
     "evaluate",
     "evaluate_run",
     "format_table",
+    "format_value",
     "gaussian_kl_figure",
+    "html_cell",
+    "html_figure",
+    "html_page",
+    "html_table",
     "image_grid",
     "interpolate",
     "interpolations_figure",
@@ -63,6 +69,7 @@ __all__ = [
     "parse_betas",
     "particles_figure",
     "rate_distortion_figure",
+    "read_json",
     "read_sweep",
     "reconstructions_figure",
     "resume_run",
@@ -77,6 +84,8 @@ __all__ = [
     "train_run",
     "training_curves_figure",
     "vae_demo",
+    "vae_log_evidence",
     "write_report",
     "write_sweep",
+    "write_sweep_report",
 ]

@@ -12,8 +12,9 @@ from ppl_vae.elbo import CheckReport, check_pair, particle_sweep
 from ppl_vae.errors import DatasetNotFoundError
 from ppl_vae.guides import binary_toy as toy_guide
 from ppl_vae.models import binary_toy as toy_model
-from ppl_vae.runs.evaluate import Evaluation
-from ppl_vae.runs.plots import particles_figure, save
+from ppl_vae.runs.evaluation import Evaluation
+from ppl_vae.runs.image_plots import save
+from ppl_vae.runs.training_plots import particles_figure
 
 __all__ = ["binary_toy_demo", "vae_demo"]
 

@@ -9,38 +9,32 @@ Every number is per image, in nats, at beta = 1 (the true ELBO whatever beta tra
   -IWAE_K is therefore an upper bound on the test negative log-likelihood.
 - bits/dim = -value / (D ln 2), D the number of values in one image.
 
-Standard errors are across images (s.d. / sqrt(N)); the IWAE - ELBO gap's s.e. comes from the
-per-image paired differences, which removes the image-to-image spread the two share.
+The IWAE bound goes through Pyro traces for any pair; a caller that has a faster estimator of
+the same bound passes it (``log_evidence``), as :func:`vae_log_evidence` builds for the
+Gaussian VAE. Standard errors are across images (s.d. / sqrt(N)); the IWAE - ELBO gap's s.e.
+comes from the per-image paired differences, which removes the image-to-image spread the two
+share.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppl_vae.atomic import json_ready
 from ppl_vae.elbo import inspect_pair, iwae_log_evidence, sampled_site_terms
 from ppl_vae.models.vae import check_data
 from ppl_vae.rng import forked_rng
-from ppl_vae.vae import (
-    ACTIVE_THRESHOLD,
-    active_units,
-    collapse_warning,
-    kl_per_dimension,
-    posterior_moments,
-    vae_iwae,
-)
+from ppl_vae.runs.evaluation import Evaluation
+from ppl_vae.vae import active_units, kl_per_dimension, posterior_moments, vae_iwae
 
-__all__ = ["FLOAT_BUDGET", "Evaluation", "evaluate"]
+__all__ = ["FLOAT_BUDGET", "LogEvidence", "evaluate", "vae_log_evidence"]
 
 FLOAT_BUDGET = 32 * 2**20
 """Largest (particles x images x D) block evaluated at once: 32 Mi floats, 128 MiB in float32.
@@ -50,164 +44,41 @@ D (e.g. conv decoders) multiply it, so pass smaller ``batch_size`` / ``iwae_chun
 DEFAULT_IWAE_CHUNK = 1000
 """Importance samples per pass when neither ``iwae_chunk`` nor ``batch_size`` is given."""
 
-_LN2 = math.log(2.0)
-_DERIVED = (
-    "distortion",
-    "rate",
-    "bits_per_dim_elbo",
-    "bits_per_dim_iwae",
-    "gap_bits_per_dim",
-)
+LogEvidence = Callable[[Tensor, int, bool], Tensor]
+"""A per-image IWAE estimator: ``log_evidence(images, num_samples, progress)`` -> the (N,)
+IWAE_K bounds (K = ``num_samples``), float64 on the CPU; ``progress`` shows a progress bar."""
 
 
-def _bits_per_dim(nats: float, dim: int) -> float:
-    return -nats / (dim * _LN2)
+def vae_log_evidence(
+    encoder: nn.Module,
+    decoder: nn.Module,
+    *,
+    likelihood: str = "bernoulli",
+    sigma: float | None = None,
+) -> LogEvidence:
+    """The Gaussian VAE's IWAE bound without Pyro traces (:func:`ppl_vae.vae.vae_iwae`, the
+    same estimator as the generic one, several times faster), for ``evaluate(...,
+    log_evidence=...)``. ``likelihood`` and ``sigma`` as bound to the model
+    (:func:`ppl_vae.models.vae.model`)."""
 
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Per-image test-set numbers of a VAE at beta = 1, in nats unless stated.
-
-    ``elbo`` = ``reconstruction`` - ``kl``; ``iwae`` is the K-sample importance-weighted bound
-    (K = ``iwae_k``); both are lower bounds on log p(x). ``gap_elbo_iwae`` = iwae - elbo, with
-    ``gap_se`` from the paired per-image differences. ``active_units`` and ``kl_per_dim`` are
-    ``None`` when no encoder was available. ``elbo_per_image`` and ``iwae_per_image`` hold the
-    (N,) values behind the means (CPU tensors; left out of :meth:`to_dict` by default).
-    """
-
-    n_images: int
-    image_dim: int
-    elbo: float
-    elbo_se: float
-    reconstruction: float
-    kl: float
-    iwae: float
-    iwae_se: float
-    iwae_k: int
-    gap_elbo_iwae: float
-    gap_se: float
-    active_units: int | None
-    z_dim: int | None
-    kl_per_dim: tuple[float, ...] | None
-    elbo_particles: int
-    seconds: float
-    device: str = "cpu"
-    elbo_per_image: Tensor | None = field(default=None, repr=False, compare=False)
-    iwae_per_image: Tensor | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def distortion(self) -> float:
-        """D = -E_q[log p(x | z)], nats per image."""
-        return -self.reconstruction
-
-    @property
-    def rate(self) -> float:
-        """R = KL(q(z | x) || p(z)), nats per image; ELBO = -(D + R)."""
-        return self.kl
-
-    @property
-    def bits_per_dim_elbo(self) -> float:
-        """-ELBO / (D ln 2): an upper bound on the bits per value needed to code the data."""
-        return _bits_per_dim(self.elbo, self.image_dim)
-
-    @property
-    def bits_per_dim_iwae(self) -> float:
-        """-IWAE / (D ln 2): a tighter upper bound than the ELBO's."""
-        return _bits_per_dim(self.iwae, self.image_dim)
-
-    @property
-    def gap_bits_per_dim(self) -> float:
-        """bits/dim(ELBO) - bits/dim(IWAE) = gap / (D ln 2)."""
-        return self.gap_elbo_iwae / (self.image_dim * _LN2)
-
-    @property
-    def collapse(self) -> str | None:
-        """The posterior-collapse warning of :func:`ppl_vae.vae.diagnostics.collapse_warning`."""
-        if self.active_units is None:
-            return None
-        return collapse_warning(self.rate, self.active_units)
-
-    def to_dict(self, per_image: bool = False) -> dict[str, Any]:
-        """Plain JSON-ready values: the fields, the derived quantities (distortion, rate,
-        bits/dim) and, with ``per_image``, the per-image values as lists. Non-finite floats
-        (a s.e. of a single image) become ``None``."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Tensor):
-                if per_image:
-                    out[f.name] = [json_ready(v) for v in value.tolist()]
-                continue
-            if f.name.endswith("_per_image"):
-                continue
-            if isinstance(value, tuple):
-                value = [json_ready(v) for v in value]
-            out[f.name] = json_ready(value)
-        for name in _DERIVED:
-            out[name] = json_ready(getattr(self, name))
-        return out
-
-    def to_json(self, per_image: bool = False, **kwargs: Any) -> str:
-        """:meth:`to_dict` as a JSON string (strict JSON: no NaN)."""
-        return json.dumps(self.to_dict(per_image), allow_nan=False, **kwargs)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
-        """Rebuild from :meth:`to_dict` output (derived quantities are recomputed)."""
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in data:
-                continue
-            value = data[f.name]
-            if f.name.endswith("_per_image"):
-                value = None if value is None else torch.tensor(_nan(value), dtype=torch.float64)
-            elif f.name == "kl_per_dim":
-                value = None if value is None else tuple(float(v) for v in value)
-            elif value is None and f.name not in ("active_units", "z_dim"):
-                value = math.nan
-            kwargs[f.name] = value
-        return cls(**kwargs)
-
-    def __str__(self) -> str:
-        d = self.image_dim
-        rows = [
-            ("ELBO", self.elbo, self.elbo_se, self.bits_per_dim_elbo),
-            ("  reconstruction E_q[log p(x|z)]", self.reconstruction, None, None),
-            ("  KL(q(z|x) || p(z))", self.kl, None, None),
-            ("distortion D = -reconstruction", self.distortion, None, None),
-            ("rate R = KL", self.rate, None, None),
-            (f"IWAE, K = {self.iwae_k}", self.iwae, self.iwae_se, self.bits_per_dim_iwae),
-            ("gap IWAE - ELBO (paired s.e.)", self.gap_elbo_iwae, self.gap_se, None),
-        ]
-        lines = [
-            f"VAE evaluation: {self.n_images} images of D = {d} values, beta = 1, "
-            f"{self.elbo_particles} ELBO particle(s) per image, {self.seconds:.1f} s "
-            f"on {self.device}",
-            f"  {'quantity':<34} {'nats/image':>12} {'± s.e.':>10} {'bits/dim':>10}",
-        ]
-        for label, value, se, bpd in rows:
-            se_text = "" if se is None else f"{se:.4f}"
-            bpd_text = "" if bpd is None else f"{bpd:.5f}"
-            lines.append(f"  {label:<34} {value:>12.4f} {se_text:>10} {bpd_text:>10}")
-        lines.append(
-            "  Both are LOWER bounds on log p(x): ELBO <= IWAE_K <= log p(x) (in expectation),"
+    def log_evidence(images: Tensor, num_samples: int, progress: bool) -> Tensor:
+        # 2,000 decoder rows per pass: big enough for efficient matrix products, small enough
+        # (6 MB at D = 784) to reuse memory instead of faulting in fresh pages every pass.
+        chunk = min(num_samples, 100)
+        per_image = vae_iwae(
+            encoder,
+            decoder,
+            images,
+            likelihood=likelihood,
+            sigma=sigma,
+            num_samples=num_samples,
+            chunk_size=chunk,
+            batch_size=max(1, 2000 // chunk),
+            progress=progress,
         )
-        lines.append("  so -IWAE_K (and -ELBO) are upper bounds on the negative log-likelihood.")
-        if self.active_units is not None and self.kl_per_dim is not None:
-            lines.append(
-                f"  active units: {self.active_units} of {self.z_dim} "
-                f"(Cov_x(E_q[z_u]) > {ACTIVE_THRESHOLD})"
-            )
-            kl_text = " ".join(f"{v:.3f}" for v in self.kl_per_dim)
-            lines.append(f"  KL per latent dimension (nats/image): {kl_text}")
-        warning = self.collapse
-        if warning is not None:
-            lines.append(f"  WARNING: {warning}")
-        return "\n".join(lines)
+        return per_image.double().cpu()
 
-
-def _nan(values: list) -> list[float]:
-    return [math.nan if v is None else float(v) for v in values]
+    return log_evidence
 
 
 def _mean_se(values: Tensor) -> tuple[float, float]:
@@ -239,11 +110,6 @@ def _sizes(
     return elbo_batch, iwae_batch, chunk
 
 
-def _batches(images: Tensor, size: int) -> Iterator[Tensor]:
-    for start in range(0, images.shape[0], size):
-        yield images[start : start + size]
-
-
 def evaluate(
     model: Callable,
     guide: Callable,
@@ -256,7 +122,7 @@ def evaluate(
     elbo_particles: int = 1,
     seed: int | None = 0,
     progress: bool = True,
-    fast_iwae: bool = True,
+    log_evidence: LogEvidence | None = None,
 ) -> Evaluation:
     """ELBO, reconstruction, KL, IWAE bound and latent diagnostics of a VAE on ``images``.
 
@@ -273,9 +139,10 @@ def evaluate(
     :param seed: seeds torch for the evaluation (the caller's random state is restored);
         ``None`` leaves the random state alone.
     :param progress: show a progress bar over the IWAE data batches.
-    :param fast_iwae: for the Gaussian VAE pair, compute the IWAE bound without Pyro traces
-        (:func:`ppl_vae.vae.iwae.vae_iwae`, several times faster); ``False`` always uses
-        :func:`ppl_vae.elbo.evidence.iwae_log_evidence`.
+    :param log_evidence: the pair's IWAE bound per image by a faster route than Pyro traces
+        (see :data:`LogEvidence`), e.g. ``vae_log_evidence(encoder, decoder)`` for the
+        Gaussian VAE; it chooses its own blocks (``iwae_chunk`` and ``batch_size`` then size
+        the ELBO only). ``None``: :func:`ppl_vae.elbo.iwae_log_evidence` on the pair.
     """
     if iwae_samples < 1 or elbo_particles < 1:
         raise ValueError(
@@ -294,45 +161,43 @@ def evaluate(
     start_time = time.perf_counter()
     seeded = forked_rng(images.device, seed) if seed is not None else contextlib.nullcontext()
     with seeded, torch.no_grad():
-        structure = inspect_pair(model, guide, (images[:elbo_batch],), kwargs)
-        recon_parts, kl_parts = [], []
-        for x in _batches(images, elbo_batch):
-            terms = sampled_site_terms(
-                model,
-                guide,
-                x,
-                num_particles=elbo_particles,
-                analytic_kl=True,
-                keep_plates=("data",),
-                structure=structure,
-                **kwargs,
-            )
-            # Each term is (particles, batch): sum the sites, average the particles.
-            recon = sum(t for kind, _, t in terms.values() if kind == "reconstruction")
-            kl = sum(t for kind, _, t in terms.values() if kind == "kl")
-            recon_parts.append(torch.as_tensor(recon).mean(0).double().cpu())
-            kl_parts.append(torch.as_tensor(kl).mean(0).double().cpu())
-        recon_per_image = torch.cat(recon_parts)  # (N,)
-        kl_per_image = torch.cat(kl_parts)  # (N,)
-        elbo_per_image = recon_per_image - kl_per_image
-
-        networks = _vae_networks(model, guide) if fast_iwae else None
-        if networks is not None:
-            iwae_per_image = _fast_iwae(networks, images, iwae_samples, progress)
+        recon, kl = _elbo_terms(model, guide, images, elbo_batch, elbo_particles, kwargs)
+        if log_evidence is not None:
+            iwae_per_image = log_evidence(images, iwae_samples, progress)
         else:
-            iwae_per_image = _generic_iwae(
+            iwae_per_image = _pyro_iwae(
                 model, guide, images, iwae_samples, iwae_batch, chunk, kwargs, progress
             )
-
-        n_active, z_dim, kl_dims = None, None, None
-        if encoder is not None:
-            mu, log_var = posterior_moments(encoder, images, batch_size=max(elbo_batch, 2))
-            z_dim = int(mu.shape[1])
-            kl_dims = tuple(float(v) for v in kl_per_dimension(mu, log_var).double().cpu())
-            if n > 1:
-                n_active = active_units(mu)[0]
+        code = _code(encoder, images, max(elbo_batch, 2)) if encoder is not None else None
     seconds = time.perf_counter() - start_time
+    return _record(images, recon, kl, iwae_per_image, code, iwae_samples, elbo_particles, seconds)
 
+
+def _code(
+    encoder: nn.Module, images: Tensor, batch: int
+) -> tuple[int | None, int, tuple[float, ...]]:
+    """(active units, z_dim, KL per dimension) of the codes of ``images``; no active-unit
+    count from a single image (it needs a variance across images)."""
+    mu, log_var = posterior_moments(encoder, images, batch_size=batch)
+    kl_dims = tuple(float(v) for v in kl_per_dimension(mu, log_var).double().cpu())
+    n_active = active_units(mu)[0] if images.shape[0] > 1 else None
+    return n_active, int(mu.shape[1]), kl_dims
+
+
+def _record(
+    images: Tensor,
+    recon: Tensor,
+    kl: Tensor,
+    iwae_per_image: Tensor,
+    code: tuple[int | None, int, tuple[float, ...]] | None,
+    iwae_samples: int,
+    elbo_particles: int,
+    seconds: float,
+) -> Evaluation:
+    """The :class:`Evaluation` of the per-image terms: means, standard errors, the gap."""
+    n, d = images.shape
+    n_active, z_dim, kl_dims = code if code is not None else (None, None, None)
+    elbo_per_image = recon - kl
     elbo, elbo_se = _mean_se(elbo_per_image)
     iwae, iwae_se = _mean_se(iwae_per_image)
     gap, gap_se = _mean_se(iwae_per_image - elbo_per_image)
@@ -341,8 +206,8 @@ def evaluate(
         image_dim=int(d),
         elbo=elbo,
         elbo_se=elbo_se,
-        reconstruction=float(recon_per_image.mean()),
-        kl=float(kl_per_image.mean()),
+        reconstruction=float(recon.mean()),
+        kl=float(kl.mean()),
         iwae=iwae,
         iwae_se=iwae_se,
         iwae_k=int(iwae_samples),
@@ -359,49 +224,38 @@ def evaluate(
     )
 
 
-def _vae_networks(model: Callable, guide: Callable) -> dict[str, Any] | None:
-    """The networks and likelihood of a bound Gaussian VAE pair (``functools.partial`` of
-    ``models.vae.model`` and ``guides.vae.guide``), or None for any other pair."""
-    from ppl_vae.guides import vae as vae_guide
-    from ppl_vae.models import vae as vae_model
-
-    if getattr(model, "func", None) is not vae_model.model:
-        return None
-    if getattr(guide, "func", None) is not vae_guide.guide:
-        return None
-    if "decoder" not in model.keywords or "encoder" not in guide.keywords:
-        return None
-    return {
-        "encoder": guide.keywords["encoder"],
-        "decoder": model.keywords["decoder"],
-        "likelihood": model.keywords.get("likelihood", "bernoulli"),
-        "sigma": model.keywords.get("sigma"),
-    }
-
-
-def _fast_iwae(networks: dict[str, Any], images: Tensor, k: int, progress: bool) -> Tensor:
-    """The VAE's IWAE bound without Pyro traces (same estimator; see ppl_vae.elbo.evidence)."""
-    # 2,000 decoder rows per pass: big enough for efficient matrix products, small enough
-    # (6 MB at D = 784) to reuse memory instead of faulting in fresh pages every pass.
-    chunk = min(k, 100)
-    return (
-        vae_iwae(
-            networks["encoder"],
-            networks["decoder"],
-            images,
-            likelihood=networks["likelihood"],
-            sigma=networks["sigma"],
-            num_samples=k,
-            chunk_size=chunk,
-            batch_size=max(1, 2000 // chunk),
-            progress=progress,
+def _elbo_terms(
+    model: Callable,
+    guide: Callable,
+    images: Tensor,
+    batch: int,
+    particles: int,
+    kwargs: dict[str, Any],
+) -> tuple[Tensor, Tensor]:
+    """Per-image reconstruction E_q[log p(x | z)] (``particles`` draws) and closed-form KL,
+    (N,) float64 CPU tensors each."""
+    structure = inspect_pair(model, guide, (images[:batch],), kwargs)
+    recon_parts, kl_parts = [], []
+    for x in images.split(batch):
+        terms = sampled_site_terms(
+            model,
+            guide,
+            x,
+            num_particles=particles,
+            analytic_kl=True,
+            keep_plates=("data",),
+            structure=structure,
+            **kwargs,
         )
-        .double()
-        .cpu()
-    )
+        # Each term is (particles, batch): sum the sites, average the particles.
+        recon = sum(t for kind, _, t in terms.values() if kind == "reconstruction")
+        kl = sum(t for kind, _, t in terms.values() if kind == "kl")
+        recon_parts.append(torch.as_tensor(recon).mean(0).double().cpu())
+        kl_parts.append(torch.as_tensor(kl).mean(0).double().cpu())
+    return torch.cat(recon_parts), torch.cat(kl_parts)
 
 
-def _generic_iwae(
+def _pyro_iwae(
     model: Callable,
     guide: Callable,
     images: Tensor,
@@ -414,7 +268,7 @@ def _generic_iwae(
     """The IWAE bound of any pair through Pyro traces, per image."""
     iwae_parts = []
     bar = tqdm(
-        list(_batches(images, iwae_batch)),
+        images.split(iwae_batch),
         desc=f"IWAE K={iwae_samples}",
         unit="batch",
         disable=not progress,

@@ -31,8 +31,9 @@ from ppl_vae.elbo import parse_schedule
 from ppl_vae.errors import CheckpointError, ConfigMismatchError, WriteError
 from ppl_vae.models import vae as vae_model
 from ppl_vae.rng import forked_rng
-from ppl_vae.runs.evaluate import Evaluation, evaluate
-from ppl_vae.runs.plots import image_grid, reconstructions_figure, save
+from ppl_vae.runs.evaluate import evaluate, vae_log_evidence
+from ppl_vae.runs.evaluation import Evaluation
+from ppl_vae.runs.image_plots import image_grid, reconstructions_figure, save
 from ppl_vae.training import (
     History,
     TrainConfig,
@@ -317,14 +318,19 @@ def evaluate_run(
     """Evaluate a run on its test set (beta = 1) and write ``evaluation.json``."""
     run = load_run(path, checkpoint=checkpoint, device=device)
     images = run.dataset.test.images[:limit] if limit else run.dataset.test.images
+    vae = run.vae
+    fast = vae_log_evidence(
+        vae.encoder, vae.decoder, likelihood=vae.config.likelihood, sigma=vae.config.sigma
+    )
     with torch.no_grad():
         result = evaluate(
-            run.vae.model,
-            run.vae.guide,
+            vae.model,
+            vae.guide,
             images,
-            encoder=run.vae.encoder,
+            encoder=vae.encoder,
             iwae_samples=iwae_samples,
             progress=progress,
+            log_evidence=fast,
         )
     write_json(run.path / "evaluation.json", {"checkpoint": checkpoint, **result.to_dict()})
     return result

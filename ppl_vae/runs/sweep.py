@@ -29,6 +29,8 @@ from ppl_vae.atomic import json_ready, write_atomically, write_json
 if TYPE_CHECKING:  # imported where used: the CLI builds its parser without them
     from matplotlib.figure import Figure
 
+    from ppl_vae.runs.evaluation import Evaluation
+    from ppl_vae.runs.folder import TrainedRun
     from ppl_vae.training import TrainConfig
     from ppl_vae.vae import VAEConfig
 
@@ -150,7 +152,6 @@ def run_sweep(
     """
     from ppl_vae.runs.folder import evaluate_run, load_run, train_run
     from ppl_vae.training import resolve_device
-    from ppl_vae.vae import elbo_surgery, posterior_moments
 
     betas = parse_betas(betas)
     if iwae_k < 1:
@@ -188,24 +189,7 @@ def run_sweep(
             progress=train_config.progress,
         )
         run = load_run(out / name, device=device, data_dir=data_dir)
-        images = run.dataset.test.images[:test_images] if test_images else run.dataset.test.images
-        surgery = elbo_surgery(*posterior_moments(run.vae.encoder, images))
-        row = SweepRow(
-            beta=beta,
-            rate=result.rate,
-            distortion=result.distortion,
-            elbo=result.elbo,
-            elbo_se=result.elbo_se,
-            iwae=result.iwae,
-            iwae_se=result.iwae_se,
-            iwae_k=result.iwae_k,
-            active_units=result.active_units,
-            z_dim=result.z_dim,
-            mutual_info=surgery.mutual_info,
-            marginal_kl=surgery.marginal_kl,
-            n_images=result.n_images,
-            run=name,
-        )
+        row = _sweep_row(beta, name, result, run, test_images)
         rows.append(row)
         write_sweep(out, rows, meta=meta)
         if on_row is not None:
@@ -213,11 +197,37 @@ def run_sweep(
     return rows
 
 
+def _sweep_row(
+    beta: float, name: str, result: Evaluation, run: TrainedRun, test_images: int | None
+) -> SweepRow:
+    """The row of one evaluated run, its rate split by ELBO surgery on the same test images."""
+    from ppl_vae.vae import elbo_surgery, posterior_moments
+
+    images = run.dataset.test.images[:test_images] if test_images else run.dataset.test.images
+    surgery = elbo_surgery(*posterior_moments(run.vae.encoder, images))
+    return SweepRow(
+        beta=beta,
+        rate=result.rate,
+        distortion=result.distortion,
+        elbo=result.elbo,
+        elbo_se=result.elbo_se,
+        iwae=result.iwae,
+        iwae_se=result.iwae_se,
+        iwae_k=result.iwae_k,
+        active_units=result.active_units,
+        z_dim=result.z_dim,
+        mutual_info=surgery.mutual_info,
+        marginal_kl=surgery.marginal_kl,
+        n_images=result.n_images,
+        run=name,
+    )
+
+
 def write_sweep(
     out: str | os.PathLike[str], rows: Sequence[SweepRow], *, meta: dict[str, Any] | None = None
 ) -> list[Path]:
     """Write ``sweep.csv``, ``sweep.json`` (rows and ``meta``) and ``rate_distortion.png``."""
-    from ppl_vae.runs.plots import save
+    from ppl_vae.runs.image_plots import save
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,8 +261,8 @@ def read_sweep(path: str | os.PathLike[str]) -> list[SweepRow]:
 
 def sweep_figure(rows: Sequence[SweepRow], *, title: str | None = None) -> Figure:
     """The rate-distortion plane of a sweep: D against R, one point per beta, with the lines
-    of equal ELBO D + R = const (:func:`ppl_vae.runs.plots.rate_distortion_figure`)."""
-    from ppl_vae.runs.plots import rate_distortion_figure
+    of equal ELBO D + R = const (:func:`ppl_vae.runs.latent_plots.rate_distortion_figure`)."""
+    from ppl_vae.runs.latent_plots import rate_distortion_figure
 
     kwargs = {} if title is None else {"title": title}
     return rate_distortion_figure(

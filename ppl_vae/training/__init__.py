@@ -1,35 +1,34 @@
-"""Training a pair with SVI: configuration, engine, validation, the divergence guard,
-signals, resume state and the loop.
+"""Training a pair with SVI: the configuration and history (config), the device (device),
+the step (engine: differentiable_loss + one fused Adam), the data order (order), validation,
+the divergence guard (guard), signals, what a checkpoint holds of the loop (state), the run's
+files (files: checkpoints; history: history.csv/json), the progress bar (progress) and the
+loop (loop: :func:`fit`).
+
+The run maximises L_beta(x) = E_q[log p(x | z)] - beta * KL(q(z | x) || p(z)) and reports
+ELBO = reconstruction - KL (beta = 1) on validation images after every epoch. The names
+below are the subpackage's API; the loop's parts are imported from their modules.
 """
 
-from ppl_vae.training.loop import (
-    ELBOS,
-    ENGINES,
+from ppl_vae.training.config import (
     HISTORY_COLUMNS,
     LR_SCHEDULES,
     PRECISIONS,
     RUNTIME_SETTINGS,
     History,
     TrainConfig,
-    TrainingDivergedError,
-    TrainingInterrupted,
-    config_differences,
-    fit,
-    make_elbo,
-    resolve_device,
 )
+from ppl_vae.training.device import resolve_device
+from ppl_vae.training.engine import make_elbo
+from ppl_vae.training.loop import fit
+from ppl_vae.training.state import config_differences
 
 __all__ = [
-    "ELBOS",
-    "ENGINES",
     "HISTORY_COLUMNS",
     "LR_SCHEDULES",
     "PRECISIONS",
     "RUNTIME_SETTINGS",
     "History",
     "TrainConfig",
-    "TrainingDivergedError",
-    "TrainingInterrupted",
     "config_differences",
     "fit",
     "make_elbo",

@@ -1,23 +1,21 @@
-"""The Gaussian VAE: its networks and configuration, the trace-free IWAE, latent diagnostics."""
+"""The Gaussian VAE: its networks and configuration, the trace-free IWAE and the IWAE bound
+against K, latent diagnostics, rate and distortion."""
 
-from ppl_vae.vae.config import VAE, VAEConfig, build_vae, resolve_binarize
+from ppl_vae.vae.config import ARCHITECTURES, VAE, VAEConfig, build_vae, resolve_binarize
 from ppl_vae.vae.diagnostics import (
     ACTIVE_THRESHOLD,
-    DEFAULT_KS,
     MIN_ACTIVE,
     MIN_RATE,
     ElboSurgery,
-    IwaeCurve,
-    RateDistortion,
     active_units,
     collapse_warning,
     elbo_surgery,
-    iwae_curve,
     kl_per_dimension,
     posterior_moments,
-    rate_distortion,
 )
 from ppl_vae.vae.iwae import vae_iwae, vae_log_weights
+from ppl_vae.vae.iwae_by_k import DEFAULT_KS, IwaeCurve, iwae_curve
+from ppl_vae.vae.latents import interpolate
 from ppl_vae.vae.networks import (
     ACTIVATIONS,
     LEARN_SIGMA,
@@ -27,10 +25,12 @@ from ppl_vae.vae.networks import (
     Encoder,
     make_networks,
 )
+from ppl_vae.vae.rd_plane import RateDistortion, rate_distortion
 
 __all__ = [
     "ACTIVATIONS",
     "ACTIVE_THRESHOLD",
+    "ARCHITECTURES",
     "DEFAULT_KS",
     "LEARN_SIGMA",
     "MIN_ACTIVE",
@@ -48,6 +48,7 @@ __all__ = [
     "build_vae",
     "collapse_warning",
     "elbo_surgery",
+    "interpolate",
     "iwae_curve",
     "kl_per_dimension",
     "make_networks",

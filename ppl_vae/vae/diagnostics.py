@@ -1,44 +1,36 @@
-"""Diagnostics of the ELBO: rate and distortion, the latent code, ELBO surgery, the IWAE curve.
+"""Diagnostics of the latent code of a Gaussian VAE from its posterior moments: KL per
+dimension, active units, the collapse warning, ELBO surgery.
 
-- Rate R = E_x KL(q(z | x) || p(z)) and distortion D = -E_x E_q[log p(x | z)], nats per image:
-  ELBO = -(D + R) and the beta-objective is -(D + beta R) (:func:`rate_distortion`).
-- With q(z | x) = N(mu(x), diag(sigma^2(x))) and p(z) = N(0, I) the rate splits over latent
-  dimensions (:func:`kl_per_dimension`), and a dimension whose mean code mu_u(x) does not vary
-  with x carries no information about x (it is "inactive", Burda et al. 2015). A rate near zero
-  with no active unit is posterior collapse: the decoder ignores z (:func:`collapse_warning`).
+- With q(z | x) = N(mu(x), diag(sigma^2(x))) and p(z) = N(0, I) the rate R = E_x KL(q(z | x) ||
+  p(z)) splits over latent dimensions (:func:`kl_per_dimension`), and a dimension whose mean
+  code mu_u(x) does not vary with x carries no information about x (it is "inactive", Burda et
+  al. 2015). A rate near zero with no active unit is posterior collapse: the decoder ignores z
+  (:func:`collapse_warning`).
 - ELBO surgery (Hoffman & Johnson 2016): E_x KL(q(z | x) || p(z)) = I_q(x; z) + KL(q(z) || p(z)),
   q(z) = (1/N) sum_n q(z | x_n) the aggregate posterior (:func:`elbo_surgery`).
-- The IWAE bound against K, from 1 (the ELBO) up (:func:`iwae_curve`).
+
+Rate and distortion as points of a plane are in :mod:`ppl_vae.vae.rd_plane`, the IWAE bound
+against K in :mod:`ppl_vae.vae.iwae_by_k`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ppl_vae.rng import forked_rng
-
 __all__ = [
     "ACTIVE_THRESHOLD",
-    "DEFAULT_KS",
     "MIN_ACTIVE",
     "MIN_RATE",
     "ElboSurgery",
-    "IwaeCurve",
-    "RateDistortion",
     "active_units",
     "collapse_warning",
     "elbo_surgery",
-    "iwae_curve",
     "kl_per_dimension",
     "posterior_moments",
-    "rate_distortion",
 ]
 
 ACTIVE_THRESHOLD = 0.01
@@ -122,99 +114,6 @@ def collapse_warning(
         + ". The latent code carries (almost) no information about x, so the decoder models "
         "the data on its own; try KL annealing (beta warm-up from 0), free bits, a weaker "
         "decoder, or more latent capacity."
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Rate and distortion
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RateDistortion:
-    """One point of the rate-distortion plane, nats per image.
-
-    R = E_x KL(q(z | x) || p(z)), D = -E_x E_q[log p(x | z)], so ELBO = -(D + R) and the
-    beta-objective is -(D + beta R). ``epoch``, ``step`` and ``beta`` are set when the point
-    comes from a training history (its validation numbers at the end of that epoch).
-    """
-
-    rate: float
-    distortion: float
-    epoch: int | None = None
-    step: int | None = None
-    beta: float | None = None
-
-    @property
-    def elbo(self) -> float:
-        """ELBO = -(D + R)."""
-        return -(self.distortion + self.rate)
-
-    def objective(self, beta: float) -> float:
-        """The beta-ELBO -(D + beta R)."""
-        return -(self.distortion + beta * self.rate)
-
-
-def _number(value: Any, what: str) -> float:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ValueError(f"{what} is missing")
-    return float(value)
-
-
-def rate_distortion(source: Any, *, n_items: int = 1) -> RateDistortion | list[RateDistortion]:
-    """Rate R = E_x KL(q(z | x) || p(z)) and distortion D = -E_x E_q[log p(x | z)] of ``source``.
-
-    ``source`` is one of:
-
-    - a training history (:class:`ppl_vae.training.loop.History`, or its rows as read from
-      ``history.json``): one point per epoch, from ``val_kl`` and ``val_reconstruction``;
-    - a mapping with ``rate`` and ``distortion`` (or ``kl`` and ``reconstruction``), such as
-      ``evaluation.json``: one point;
-    - an object with ``kl`` and ``reconstruction`` attributes: an
-      :class:`~ppl_vae.runs.evaluate.Evaluation` (per image), or a
-      :class:`~ppl_vae.elbo.ledger.Ledger`
-      (totals over the data passed: give their number as ``n_items``): one point.
-    """
-    if n_items < 1:
-        raise ValueError(f"n_items must be >= 1, got {n_items}")
-    if isinstance(source, Mapping):
-        if "rate" in source and "distortion" in source:
-            rate, distortion = source["rate"], source["distortion"]
-        elif "kl" in source and "reconstruction" in source:
-            rate, distortion = source["kl"], -_number(source["reconstruction"], "reconstruction")
-        else:
-            raise ValueError(
-                "a mapping needs 'rate' and 'distortion' (or 'kl' and 'reconstruction'), got "
-                f"keys {sorted(source)}"
-            )
-        return RateDistortion(
-            _number(rate, "rate") / n_items, _number(distortion, "distortion") / n_items
-        )
-    if hasattr(source, "kl") and hasattr(source, "reconstruction"):
-        return RateDistortion(float(source.kl) / n_items, -float(source.reconstruction) / n_items)
-    rows = getattr(source, "rows", source)
-    if isinstance(rows, Sequence) and not isinstance(rows, str | bytes):
-        points = []
-        for row in rows:
-            if not isinstance(row, Mapping):
-                raise ValueError(f"history rows must be mappings, got {type(row).__name__}")
-            epoch = row.get("epoch")
-            what = f"epoch {epoch}: val_kl / val_reconstruction (no validation set?)"
-            rate = _number(row.get("val_kl"), what)
-            distortion = -_number(row.get("val_reconstruction"), what)
-            points.append(
-                RateDistortion(
-                    rate,
-                    distortion,
-                    epoch=None if epoch is None else int(epoch),
-                    step=None if row.get("step") in (None, "") else int(row["step"]),
-                    beta=None if row.get("beta") in (None, "") else float(row["beta"]),
-                )
-            )
-        return points
-    raise ValueError(
-        f"cannot read a rate and a distortion from a {type(source).__name__}: pass a History, "
-        "its rows, an Evaluation, a Ledger or a mapping"
     )
 
 
@@ -327,114 +226,4 @@ def elbo_surgery(
         mutual_info_se=se,
         n_images=int(n),
         num_samples=int(num_samples),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# The IWAE bound against K
-# --------------------------------------------------------------------------------------------
-
-DEFAULT_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-"""The K values of :func:`iwae_curve` by default."""
-
-
-@dataclass(frozen=True)
-class IwaeCurve:
-    """IWAE_K = E[log (1/K) sum_k w_k], w = p(x, z) / q(z | x), z_k ~ q(z | x), for each K in
-    ``ks`` (means over ``n_images`` images, nats, with standard errors across images), and
-    the ELBO = E_q[log w] estimated from the same ``num_samples`` draws per image.
-    ``gap_se`` is the standard error of IWAE_K - ELBO from the per-image paired differences,
-    which removes the image-to-image spread the two share."""
-
-    ks: tuple[int, ...]
-    iwae: tuple[float, ...]
-    iwae_se: tuple[float, ...]
-    gap_se: tuple[float, ...]
-    elbo: float
-    elbo_se: float
-    n_images: int
-    num_samples: int
-
-
-def iwae_curve(
-    encoder: nn.Module,
-    decoder: nn.Module,
-    images: Tensor,
-    ks: Iterable[int] = DEFAULT_KS,
-    *,
-    likelihood: str = "bernoulli",
-    sigma: float | None = None,
-    seed: int | None = 0,
-    chunk_size: int = 500,
-    batch_size: int = 20,
-) -> IwaeCurve:
-    """The IWAE bound of a Gaussian VAE against the number of importance samples K.
-
-    max(ks) log-weights log w = log p(x, z) - log q(z | x) are drawn per image; IWAE_K of an
-    image is the mean over the max(ks) // K disjoint blocks of K weights of
-    logsumexp(block) - log K (each block an unbiased draw of the K-sample bound, so the small
-    K are averaged over many blocks), and the ELBO is the mean of all the log-weights.
-    E[IWAE_1] = ELBO <= E[IWAE_K] <= E[IWAE_K'] <= log p(x) for K <= K' (Burda et al. 2015).
-
-    :param seed: seeds torch for the draws (the caller's random state is restored); ``None``
-        draws from the global state as it is.
-    """
-    from ppl_vae.vae.iwae import vae_log_weights
-
-    ks = tuple(sorted({int(k) for k in ks}))
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be integers >= 1, got {ks}")
-    if chunk_size < 1 or batch_size < 1:
-        raise ValueError(f"chunk_size and batch_size must be >= 1, got {chunk_size}, {batch_size}")
-    if images.dim() != 2 or images.shape[0] == 0:
-        raise ValueError(f"images must be (N, D) with N >= 1, got shape {tuple(images.shape)}")
-    k_max = ks[-1]
-    per_k: list[list[Tensor]] = [[] for _ in ks]
-    elbo_parts: list[Tensor] = []
-    seeded = forked_rng(images.device, seed) if seed is not None else contextlib.nullcontext()
-    with seeded, torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size]  # (B, D)
-            moments = encoder(x)
-            z_dim = moments[0].shape[-1]
-            blocks = []
-            for first in range(0, k_max, chunk_size):
-                k = min(chunk_size, k_max - first)
-                eps = torch.randn(k, x.shape[0], z_dim, device=x.device, dtype=x.dtype)
-                blocks.append(
-                    vae_log_weights(
-                        encoder,
-                        decoder,
-                        x,
-                        eps,
-                        likelihood=likelihood,
-                        sigma=sigma,
-                        moments=moments,
-                    ).double()
-                )
-            log_w = torch.cat(blocks)  # (K_max, B)
-            elbo_parts.append(log_w.mean(0).cpu())
-            for i, k in enumerate(ks):
-                m = k_max // k
-                grouped = log_w[: m * k].reshape(m, k, -1)  # (blocks, K, B)
-                per_k[i].append((torch.logsumexp(grouped, dim=1) - math.log(k)).mean(0).cpu())
-    n = int(images.shape[0])
-
-    def mean_se(values: Tensor) -> tuple[float, float]:
-        se = float(values.std() / math.sqrt(n)) if n > 1 else math.nan
-        return float(values.mean()), se
-
-    elbo_per_image = torch.cat(elbo_parts)
-    stats = [mean_se(torch.cat(parts)) for parts in per_k]
-    gaps = [mean_se(torch.cat(parts) - elbo_per_image) for parts in per_k]
-    elbo, elbo_se = mean_se(elbo_per_image)
-    return IwaeCurve(
-        ks=ks,
-        iwae=tuple(s[0] for s in stats),
-        iwae_se=tuple(s[1] for s in stats),
-        gap_se=tuple(g[1] for g in gaps),
-        elbo=elbo,
-        elbo_se=elbo_se,
-        n_images=n,
-        num_samples=k_max,
     )
