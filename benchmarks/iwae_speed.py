@@ -7,13 +7,13 @@ default. The networks are briefly trained first (one epoch of the hand-written t
 the 60,000 training images, ``--train-epochs``), so that the bounds are those of a real model.
 Configurations:
 
-- ``evaluate``: ``ppl_vae.runs.evaluate.evaluate`` with its defaults (ELBO, IWAE and the latent
+- ``evaluate``: ``ppl_vae.evaluate`` with its defaults (ELBO, IWAE and the latent
   diagnostics), given the VAE's bound without Pyro traces (``log_evidence=vae_log_evidence(...)``);
   ``evaluate-generic``: the same without ``log_evidence``, the bound through Pyro traces;
-- ``vae-iwae``: ``ppl_vae.vae.iwae.vae_iwae`` alone, the bound ``evaluate`` computes for the
+- ``vae-iwae``: ``ppl_vae.vae_iwae`` alone, the bound ``evaluate`` computes for the
   VAE pair (encoder once per image, the decoder's body then its linear head summed with the
   Bernoulli term rearranged as in ``handwritten-fused``), with its default chunks;
-- ``evidence``: ``ppl_vae.elbo.evidence.iwae_log_evidence`` on batches of ``--batch`` images with
+- ``evidence``: ``ppl_vae.iwae_log_evidence`` on batches of ``--batch`` images with
   its default chunk of 100 samples; ``evidence-novalidate`` is the same with Pyro's argument
   and support checks off (``pyro.enable_validation(False)``);
 - ``handwritten``: streaming PyTorch: the encoder once per batch, the decoder on
@@ -264,14 +264,14 @@ def main(args: argparse.Namespace) -> None:
         }
 
     configs = {
-        "evaluate": ("ppl_vae.runs.evaluate.evaluate (ELBO + IWAE + diagnostics)", run_evaluate),
+        "evaluate": ("ppl_vae.evaluate (ELBO + IWAE + diagnostics)", run_evaluate),
         "evaluate-generic": (
             "evaluate(), no log_evidence: IWAE through Pyro traces",
             run_evaluate_generic,
         ),
-        "vae-iwae": ("ppl_vae.vae.iwae.vae_iwae (the bound alone)", run_vae_iwae),
+        "vae-iwae": ("ppl_vae.vae_iwae (the bound alone)", run_vae_iwae),
         "evidence": (
-            f"ppl_vae.elbo.evidence.iwae_log_evidence, batches of {args.batch}",
+            f"ppl_vae.iwae_log_evidence, batches of {args.batch}",
             run_evidence,
         ),
         "evidence-novalidate": (

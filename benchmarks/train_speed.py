@@ -20,7 +20,7 @@ validation splits of ``ppl_vae.data.datasets`` together: ``validation_size=0``),
 5. ``svi``: Pyro SVI + Trace_ELBO with the ppl-vae model/guide pair, batches in memory;
 6. ``svi-meanfield``: the same with TraceMeanField_ELBO (closed-form KL);
 7. ``svi-jit``: the same with JitTrace_ELBO (drops the last, partial batch);
-8. ``fit``: ``ppl_vae.training.loop.fit`` with its default ELBO and engine, one call per epoch, the
+8. ``fit``: ``ppl_vae.fit`` with its default ELBO and engine, one call per epoch, the
    epoch time read from its history; ``fit-val`` validates on the 10,000 test images after
    every epoch and reports the epoch time with validation; ``fit-jit`` uses
    ``elbo="jit-meanfield"`` with the data checked once, as ``ppl-vae train --elbo jit-meanfield``
@@ -542,7 +542,7 @@ class PyroSVI(PyroRow, MemoryRow):
 
 
 class FitRow(PyroRow, MemoryRow):
-    """``ppl_vae.training.loop.fit`` on the VAE of ``ppl_vae.vae.config.build_vae``, one call per
+    """``ppl_vae.fit`` on the VAE of ``ppl_vae.vae.config.build_vae``, one call per
     epoch (so that rows interleave; each call starts a new Adam), timed by its history."""
 
     def __init__(
@@ -627,16 +627,16 @@ def all_rows() -> list[Row]:
         PyroSVI("svi", Trace_ELBO, "Pyro SVI + Trace_ELBO, in memory"),
         PyroSVI("svi-meanfield", TraceMeanField_ELBO, "Pyro SVI + TraceMeanField_ELBO, in memory"),
         PyroSVI("svi-jit", JitTrace_ELBO, "Pyro SVI + JitTrace_ELBO, in memory"),
-        FitRow("fit", "ppl_vae.training.loop.fit (defaults)", "default elbo, engine, step kwargs"),
+        FitRow("fit", "ppl_vae.fit (defaults)", "default elbo, engine, step kwargs"),
         FitRow(
             "fit-val",
-            "ppl_vae.training.loop.fit, validation on",
+            "ppl_vae.fit, validation on",
             "epoch incl. validation on the 10,000 test images",
             validation=True,
         ),
         FitRow(
             "fit-jit",
-            "ppl_vae.training.loop.fit, elbo=jit-meanfield",
+            "ppl_vae.fit, elbo=jit-meanfield",
             "as `ppl-vae train --elbo jit-meanfield` calls it (data checked once); "
             "two traces per call (batch 128 and the last 96)",
             elbo="jit-meanfield",
@@ -646,7 +646,7 @@ def all_rows() -> list[Row]:
         TorchBaseline(autocast=True),
         FitRow(
             "fit-bf16",
-            "ppl_vae.training.loop.fit, precision=bfloat16",
+            "ppl_vae.fit, precision=bfloat16",
             "mixed precision (torch.autocast); data checked once, as `ppl-vae train "
             "--precision bfloat16` runs it",
             precision="bfloat16",

@@ -18,13 +18,16 @@ import torch
 from pyro.infer import SVI, TraceEnum_ELBO, config_enumerate
 from pyro.optim import Adam
 
-from ppl_vae import check_pair
-from ppl_vae.elbo import particle_sweep
+from ppl_vae import (
+    check_pair,
+    particle_sweep,
+    particles_figure,
+    save,
+)
 from ppl_vae.guides import binary_toy as toy_guide
 from ppl_vae.guides import linear_gaussian as lg_guide
 from ppl_vae.models import binary_toy as toy_model
 from ppl_vae.models import linear_gaussian as lg_model
-from ppl_vae.runs import particles_figure, save
 
 
 def main(args: argparse.Namespace) -> None:

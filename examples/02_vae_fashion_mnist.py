@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 
-from ppl_vae.runs import evaluate_run, train_run
-from ppl_vae.training import TrainConfig
-from ppl_vae.vae import VAEConfig
+from ppl_vae import (
+    TrainConfig,
+    VAEConfig,
+    evaluate_run,
+    train_run,
+)
 
 
 def main(args: argparse.Namespace) -> None:

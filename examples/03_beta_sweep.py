@@ -15,9 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppl_vae.runs import format_table, parse_betas, run_sweep, write_report
-from ppl_vae.training import TrainConfig
-from ppl_vae.vae import VAEConfig
+from ppl_vae import (
+    TrainConfig,
+    VAEConfig,
+    format_table,
+    parse_betas,
+    run_sweep,
+    write_report,
+)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -140,3 +140,50 @@ def test_library_modules_do_not_import_the_package_api():
     for name, imports in _graph().items():
         if name != "ppl_vae":
             assert "ppl_vae" not in imports, name
+
+
+# --- One concept per module: sizes the next reader can hold in mind.
+
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80  # not counting the docstring
+LONG_REASON = "Long because"
+
+
+def _function_lengths(path: Path) -> list[tuple[str, int, bool]]:
+    """(name, lines of code without the docstring, whether the docstring says why it is long)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            doc = ast.get_docstring(node) or ""
+            if doc and isinstance(body[0], ast.Expr):
+                body = body[1:]
+            first = body[0].lineno if body else node.lineno
+            # decorators and the signature count, the docstring does not
+            size = node.end_lineno - node.lineno + 1 - (first - node.body[0].lineno)
+            out.append((node.name, size, LONG_REASON in doc))
+    return out
+
+
+def test_modules_and_functions_stay_small():
+    too_long = []
+    for name, path in _modules().items():
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {lines} lines (at most {MAX_MODULE_LINES})")
+        for fn, size, reason in _function_lengths(path):
+            if size > MAX_FUNCTION_LINES and not reason:
+                too_long.append(
+                    f"{name}.{fn}: {size} lines (at most {MAX_FUNCTION_LINES}, or say "
+                    f"'{LONG_REASON} ...' in its docstring)"
+                )
+    assert not too_long, "\n".join(too_long)
+
+
+def test_the_size_check_measures_code_not_docstrings(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES + 1))
+    doc = '    """' + "\n".join(["doc"] * 200) + '"""\n'
+    path = tmp_path / "m.py"
+    path.write_text(f"def long():\n{body}\n\n\ndef documented():\n{doc}    return 1\n")
+    sizes = {name: size for name, size, _ in _function_lengths(path)}
+    assert sizes["long"] == MAX_FUNCTION_LINES + 2 and sizes["documented"] == 2
