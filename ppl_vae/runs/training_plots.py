@@ -120,7 +120,7 @@ def training_curves_figure(
     E_q[log p(x | z)] - beta KL. Steps where beta is below its final value (warm-up, or the
     rising part of each cycle) are shaded, and beta is drawn on the KL panel's right axis.
 
-    :param history: a :class:`ppl_vae.training.loop.History` or its rows (``history.json``).
+    :param history: a :class:`ppl_vae.training.History` or its rows (``history.json``).
     :param schedule: beta(step), to shade the warm-up step by step (default: the history's
         per-epoch beta column).
     :param min_rate: the collapse level drawn on the KL panel (default

@@ -1,7 +1,7 @@
 """The Gaussian VAE: its networks and configuration, the trace-free IWAE and the IWAE bound
 against K, latent diagnostics, rate and distortion."""
 
-from ppl_vae.vae.config import ARCHITECTURES, VAE, VAEConfig, build_vae, resolve_binarize
+from ppl_vae.vae.config import VAE, VAEConfig, build_vae, resolve_binarize
 from ppl_vae.vae.diagnostics import (
     ACTIVE_THRESHOLD,
     MIN_ACTIVE,
@@ -18,6 +18,7 @@ from ppl_vae.vae.iwae_by_k import DEFAULT_KS, IwaeCurve, iwae_curve
 from ppl_vae.vae.latents import interpolate
 from ppl_vae.vae.networks import (
     ACTIVATIONS,
+    ARCHITECTURES,
     LEARN_SIGMA,
     ConvDecoder,
     ConvEncoder,

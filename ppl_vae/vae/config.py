@@ -19,9 +19,8 @@ from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
 from ppl_vae.vae.networks import make_networks
 
-__all__ = ["ARCHITECTURES", "VAE", "VAEConfig", "build_vae", "resolve_binarize"]
+__all__ = ["VAE", "VAEConfig", "build_vae", "resolve_binarize"]
 
-ARCHITECTURES = ("mlp", "conv")
 """Values of ``VAEConfig.arch`` (built by :func:`~ppl_vae.vae.networks.make_networks`)."""
 
 BINARIZE_DEFAULT = {"bernoulli": "dynamic", "gaussian": "none", "continuous-bernoulli": "none"}

@@ -22,8 +22,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ppl_vae.models.vae import LIKELIHOODS
+
 __all__ = [
     "ACTIVATIONS",
+    "ARCHITECTURES",
     "LEARN_SIGMA",
     "ConvDecoder",
     "ConvEncoder",
@@ -42,7 +45,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 LEARN_SIGMA = (None, "scalar", "pixel")
 """Values accepted by ``learn_sigma=``: no learned sigma, one for all pixels, one per pixel."""
 
-_LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli")
+ARCHITECTURES = ("mlp", "conv")
+"""The network families of :func:`make_networks`."""
 
 
 def _activation(name: str) -> type[nn.Module]:
@@ -277,8 +281,8 @@ def make_networks(
     :param arch: "mlp" or "conv".
     :param channels: conv channels, one stride-2 layer each (``arch="conv"`` only).
     """
-    if likelihood not in _LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {_LIKELIHOODS}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {LIKELIHOODS}")
     if learn_sigma not in LEARN_SIGMA:
         raise ValueError(f"unknown learn_sigma {learn_sigma!r}; choose one of {LEARN_SIGMA}")
     if learn_sigma is not None and likelihood != "gaussian":
@@ -298,4 +302,4 @@ def make_networks(
         enc = ConvEncoder(image_shape, z_dim, hidden, activation, channels)
         dec = ConvDecoder(image_shape, z_dim, hidden, activation, channels, learn_sigma)
         return enc, dec
-    raise ValueError(f"unknown arch {arch!r}; choose 'mlp' or 'conv'")
+    raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHITECTURES}")

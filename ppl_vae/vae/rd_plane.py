@@ -50,12 +50,12 @@ def rate_distortion(source: Any, *, n_items: int = 1) -> RateDistortion | list[R
 
     ``source`` is one of:
 
-    - a training history (:class:`ppl_vae.training.loop.History`, or its rows as read from
+    - a training history (:class:`ppl_vae.training.History`, or its rows as read from
       ``history.json``): one point per epoch, from ``val_kl`` and ``val_reconstruction``;
     - a mapping with ``rate`` and ``distortion`` (or ``kl`` and ``reconstruction``), such as
       ``evaluation.json``: one point;
     - an object with ``kl`` and ``reconstruction`` attributes: an
-      :class:`~ppl_vae.runs.evaluate.Evaluation` (per image), or a
+      :class:`~ppl_vae.runs.Evaluation` (per image), or a
       :class:`~ppl_vae.elbo.ledger.Ledger`
       (totals over the data passed: give their number as ``n_items``): one point.
     """
