@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae.elbo import LinearWarmup
 from ppl_vae.runs import evaluate_run, train_run
 from ppl_vae.training import TrainConfig
 from ppl_vae.vae import VAEConfig
@@ -56,20 +55,18 @@ def main(args: argparse.Namespace) -> None:
         z_dim=40,
         hidden=(300, 300),
     )
+    steps_per_epoch = 50_000 // 100
     train_config = TrainConfig(
         epochs=args.epochs,
         batch_size=100,
         lr=5e-4,
+        beta=f"warmup:{args.warmup_epochs * steps_per_epoch}",  # KL warm-up, linear from 0
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
     )
-    steps_per_epoch = 50_000 // 100
-    warmup = LinearWarmup(steps=args.warmup_epochs * steps_per_epoch)
     start = time.perf_counter()
-    run = train_run(
-        args.out, vae_config, train_config, beta_schedule=warmup, beta_spec=f"warmup:{warmup.steps}"
-    )
+    run = train_run(args.out, vae_config, train_config)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     result = evaluate_run(

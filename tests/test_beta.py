@@ -8,7 +8,16 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO, config_enumerate
 
 from ppl_vae import elbo_ledger
-from ppl_vae.elbo import Constant, Cyclical, FreeBits, LinearWarmup, kl_scale, parse_schedule
+from ppl_vae.elbo import (
+    Constant,
+    Cyclical,
+    FreeBits,
+    LinearWarmup,
+    as_schedule,
+    canonical_beta,
+    kl_scale,
+    parse_schedule,
+)
 from ppl_vae.guides import binary_toy as toy_guide
 from ppl_vae.guides import linear_gaussian as lg_guide
 from ppl_vae.models import binary_toy as toy_model
@@ -60,10 +69,75 @@ def test_parse_schedule(spec, expected):
     assert parse_schedule(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["", "-1", "nan", "warmup", "warmup:x", "cyclical", "1:2"])
+@pytest.mark.parametrize(
+    "spec",
+    ["", "-1", "nan", "warmup", "warmup:x", "cyclical", "1:2", "warmup:10:1:2", "warmup:-1",
+     "warmup:10:inf", "cyclical:0", "cyclical:10:0", "cyclical:10:1.5", "cyclical:10:0.5:-1"],
+)  # fmt: skip
 def test_bad_schedules_are_refused(spec):
     with pytest.raises(ValueError, match="bad beta"):
         parse_schedule(spec)
+    with pytest.raises(ValueError, match="bad beta") as info:
+        canonical_beta(spec)
+    with pytest.raises(ValueError) as direct:
+        parse_schedule(spec)
+    assert str(info.value) == str(direct.value)  # parse_schedule's own message
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("warmup:1000", "warmup:1000"),
+        ("warmup:1000:1", "warmup:1000"),
+        ("warmup:1000:1.0", "warmup:1000"),
+        ("warmup:1000:2", "warmup:1000:2"),
+        ("warmup:1000:0.25", "warmup:1000:0.25"),
+        ("cyclical:500", "cyclical:500"),
+        ("cyclical:500:0.5", "cyclical:500"),
+        ("cyclical:500:0.5:1", "cyclical:500"),
+        ("cyclical:500:0.25", "cyclical:500:0.25"),
+        ("cyclical:500:0.5:4", "cyclical:500:0.5:4"),
+        ("cyclical:500:0.25:4.0", "cyclical:500:0.25:4"),
+        ("0.5", "0.5"),
+        ("1.0", "1"),
+        ("0.1", "0.1"),
+    ],
+)
+def test_schedule_text_form_both_ways(text, canonical):
+    schedule = parse_schedule(text)
+    assert schedule.spec == canonical
+    assert parse_schedule(schedule.spec) == schedule
+    assert parse_schedule(canonical) == schedule
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [Constant(0.1), Constant(3.0), LinearWarmup(7), LinearWarmup(7, end=1 / 3), Cyclical(9),
+     Cyclical(9, 0.3), Cyclical(9, 0.5, 2.5), Cyclical(9, 1 / 7, 1e-3)],
+)  # fmt: skip
+def test_every_schedule_reads_back_from_its_text(schedule):
+    assert parse_schedule(schedule.spec) == schedule
+    expected = schedule.beta if isinstance(schedule, Constant) else schedule.spec
+    assert canonical_beta(schedule) == expected
+
+
+def test_a_warmup_from_above_zero_has_no_text_form():
+    with pytest.raises(ValueError, match="starts above 0"):
+        LinearWarmup(10, start=0.2).spec  # noqa: B018
+
+
+def test_canonical_beta_gives_one_form():
+    for same in ("1", 1, "1.0", 1.0, "1e0", Constant(1.0)):
+        assert canonical_beta(same) == 1.0 and isinstance(canonical_beta(same), float)
+    assert canonical_beta("warmup:10") == canonical_beta("warmup:10:1") == "warmup:10"
+    assert canonical_beta("warmup:20") != canonical_beta("warmup:10")
+    assert canonical_beta(LinearWarmup(10)) == "warmup:10"
+    assert canonical_beta("cyclical:100:0.5:1") == "cyclical:100"
+    assert canonical_beta(0) == 0.0
+    for bad in (-1, float("nan"), float("inf"), True, None, [1.0]):
+        with pytest.raises(ValueError, match="bad beta"):
+            canonical_beta(bad)
+    assert as_schedule("warmup:4")(2) == 0.5 and as_schedule(0.25) == Constant(0.25)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import nn
 
 from ppl_vae.checkpoint import (
     FORMAT,
+    FORMAT_VERSION,
     constraint_from_name,
     constraint_name,
     load_checkpoint,
@@ -85,7 +86,7 @@ def test_round_trip_resumes_training_exactly(tmp_path):
         optimizer=optimizer,
         scheduler=scheduler,
         counters={"step": 3, "epoch": 1, "position": 17},
-        config={"lr": 0.05, "hidden": [4, 4], "name": "toy"},
+        config_digest="0123abcd" * 8,
     )
     after_save = _draws()
     _train(optimizer, scheduler, steps=3)
@@ -98,7 +99,8 @@ def test_round_trip_resumes_training_exactly(tmp_path):
     net2 = nn.Linear(3, 2)
     checkpoint = load_checkpoint(path)
     assert checkpoint.counters == {"step": 3, "epoch": 1, "position": 17}
-    assert checkpoint.config == {"lr": 0.05, "hidden": [4, 4], "name": "toy"}
+    assert checkpoint.config_digest == "0123abcd" * 8
+    assert checkpoint.version == FORMAT_VERSION == 2
     restore(checkpoint, modules={"net": net2})
     optimizer2 = torch.optim.Adam(_params(), lr=0.05)
     scheduler2 = torch.optim.lr_scheduler.ExponentialLR(optimizer2, gamma=0.9)
@@ -229,6 +231,28 @@ def test_unknown_constraint_in_file_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_version_1_file_loads_without_a_digest(tmp_path):
+    """Version 1 held a copy of the run's configuration where version 2 holds its digest: such
+    a file still loads and restores (no digest), and a digest that is not text is refused."""
+    net = _populate(seed=6)
+    path = save_checkpoint(tmp_path / "v1.ckpt", modules={"net": net}, config_digest="ab" * 32)
+    expected = _store_snapshot()
+
+    def as_version_1(body):
+        del body["config_digest"]
+        body.update(version=1, config={"train": {"lr": 0.1}, "vae": {"z_dim": 2}})
+
+    _rewrite_body(path, as_version_1)
+    old = load_checkpoint(path)
+    assert old.version == 1 and old.config_digest is None
+    pyro.clear_param_store()
+    restore(old, modules={"net": _populate(seed=7)})
+    assert all(torch.equal(v, expected[k]) for k, v in _store_snapshot().items())
+    _rewrite_body(path, lambda body: body.update(version=2, config_digest=[1]))
+    with pytest.raises(CheckpointError, match="digest is not text"):
+        load_checkpoint(path)
+
+
 def _leftovers(folder: pathlib.Path, keep: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != keep)
 
@@ -290,7 +314,9 @@ def test_unwritable_destination(tmp_path):
 
 def test_values_that_are_not_json_refused(tmp_path):
     with pytest.raises(CheckpointError, match="plain JSON"):
-        save_checkpoint(tmp_path / "a.ckpt", config={"fn": print})
+        save_checkpoint(tmp_path / "a.ckpt", counters={"fn": print})
+    with pytest.raises(CheckpointError, match="config_digest must be text"):
+        save_checkpoint(tmp_path / "a.ckpt", config_digest={"lr": 0.1})
     assert not (tmp_path / "a.ckpt").exists()
 
 
@@ -493,9 +519,9 @@ def test_header_length_starting_with_the_pickle_byte_loads(tmp_path):
     for a pickle."""
     _populate(seed=13)
     for pad in range(300):
-        path = save_checkpoint(tmp_path / "a.ckpt", config={"pad": "x" * pad}, rng=False)
+        path = save_checkpoint(tmp_path / "a.ckpt", counters={"pad": "x" * pad}, rng=False)
         if path.read_bytes()[0] == 0x80:
             break
     else:
         pytest.fail("no padding gave a header length starting with 0x80")
-    assert load_checkpoint(path).config == {"pad": "x" * pad}
+    assert load_checkpoint(path).counters == {"pad": "x" * pad}

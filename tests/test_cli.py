@@ -272,10 +272,19 @@ def test_train_flags_are_none_unless_given_and_land_in_their_place():
     )  # fmt: skip
     assert given_settings(args, _PLACES) == {
         "vae": {"z_dim": 8, "hidden": [30, 20]},
-        "train": {"num_particles": 2, "lr": 0.01, "elbo": "trace"},
-        "beta": "2",
+        "train": {"num_particles": 2, "lr": 0.01, "elbo": "trace", "beta": 2.0},
         "data": {"train_subset": 5},
     }
+    # --beta gives TrainConfig's one form, so given and saved values compare by equality.
+    for given, held in (("1", 1.0), ("1.0", 1.0), ("warmup:10:1", "warmup:10")):
+        assert _train_args(["--beta", given]).beta == held
+
+
+def test_a_bad_beta_is_a_usage_error_with_the_grammar(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _train_args(["--beta", "warmup:x"])
+    assert stop.value.code == 2
+    assert "bad beta schedule 'warmup:x'" in capsys.readouterr().err
 
 
 def test_train_places_are_fields_of_the_run_config():

@@ -747,12 +747,18 @@ def test_resume_with_another_configuration_is_refused(finished_run, capsys):
         assert difference in err
     same = ["--z-dim", "2", "--lr", "0.01", "--beta", "warmup:10", "--hidden", "16"]
     assert main(["train", "--resume", str(finished_run), *same, "--no-progress"]) == 0
+    # --beta in its one form: warmup:10:1 is warmup:10; warmup:20 is another run.
+    for beta, code in (("warmup:10:1", 0), ("warmup:20", 5)):
+        argv = ["train", "--resume", str(finished_run), "--beta", beta, "--no-progress"]
+        assert main(argv) == code, beta
+    assert "train.beta: saved 'warmup:10', asked 'warmup:20'" in capsys.readouterr().err
 
 
 def test_fit_refuses_a_checkpoint_of_another_configuration(digits, finished_run):
     ckpt = load_checkpoint(finished_run / "checkpoints" / "last.ckpt")
+    recorded = json.loads((finished_run / "config.json").read_text())
     model, guide, modules = _vae(digits)
-    config = TrainConfig.from_dict({**ckpt.config["train"], "lr": 0.5, "seed": 7})
+    config = TrainConfig.from_dict({**recorded["train"], "lr": 0.5, "seed": 7})
     with pytest.raises(ConfigMismatchError) as info:
         fit(
             model,
@@ -761,7 +767,7 @@ def test_fit_refuses_a_checkpoint_of_another_configuration(digits, finished_run)
             config=config,
             modules=modules,
             resume=ckpt,
-            checkpoint_config={"vae": ckpt.config["vae"]},
+            run_config={k: v for k, v in recorded.items() if k != "train"},
         )
     assert info.value.differences == [
         "train.lr: saved 0.01, asked 0.5",
@@ -777,7 +783,7 @@ def test_an_existing_run_is_not_overwritten_by_accident(finished_run, tmp_path, 
     copy = tmp_path / "copy"
     shutil.copytree(finished_run, copy)
     assert main(["train", *TINY, "--seed", "4", "--out", str(copy), "--overwrite"]) == 0
-    assert load_checkpoint(copy / "checkpoints" / "last.ckpt").config["train"]["seed"] == 4
+    assert json.loads((copy / "config.json").read_text())["train"]["seed"] == 4
 
 
 # --------------------------------------------------------------------------------------------

@@ -100,3 +100,19 @@ def test_interpolations_run_between_the_two_codes(sweep_dir):
     assert torch.allclose(lines[:, -1], ends[2:], atol=1e-6)
     with pytest.raises(ValueError, match="steps"):
         interpolate(run.vae.encoder, run.vae.decoder, x[:1], x[1:2], steps=1)
+
+
+def test_the_report_reads_the_schedule_from_train_beta():
+    """The warm-up shading comes from config.json's train.beta (run folders written before
+    it could hold a schedule kept its text at the top level)."""
+    from ppl_vae.elbo import Cyclical, LinearWarmup
+    from ppl_vae.runs import report
+
+    def schedule(config):
+        return report._schedule(report._beta(config))
+
+    assert schedule({"train": {"beta": "warmup:10"}}) == LinearWarmup(10)
+    assert schedule({"train": {"beta": 0.5}}) is None
+    assert schedule({"train": {"beta": None}}) is None  # a Python function, not recorded
+    assert schedule({"beta": "cyclical:4", "train": {"beta": 1.0}}) == Cyclical(4)
+    assert report._show_beta(1.0) == "1" and report._show_beta("warmup:10:1") == "warmup:10"

@@ -1,6 +1,7 @@
 """Run folders end to end on digits: train, evaluate, sample through the CLI; clear refusals."""
 
 import json
+import shutil
 
 import pytest
 
@@ -117,6 +118,49 @@ def test_resume_of_a_finished_run_changes_nothing(run_dir, capsys):
     assert after.counters == before.counters
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     assert "trained 2 epochs" in capsys.readouterr().out
+
+
+def test_resume_compares_beta_in_its_one_form(run_dir, capsys):
+    """The run's beta (the default) is saved as 1.0: --beta 1, 1.0 or none resume it; 2 is
+    another run, refused with exit code 5."""
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["beta"] == 1.0 and "beta" not in config
+    for beta in (["--beta", "1"], ["--beta", "1.0"], []):
+        assert main(["train", "--resume", str(run_dir), *beta, "--no-progress"]) == 0, beta
+    assert main(["train", "--resume", str(run_dir), "--beta", "2", "--no-progress"]) == 5
+    assert "train.beta: saved 1.0, asked 2.0" in capsys.readouterr().err
+
+
+def test_a_config_edited_by_hand_is_refused_on_resume(run_dir, tmp_path, capsys):
+    """config.json no longer holds the configuration the checkpoint was written with: the
+    resume is refused (exit 5), saying so, and nothing is written."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["lr"] = 0.5
+    (run / "config.json").write_text(json.dumps(config))
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 5
+    err = capsys.readouterr().err
+    assert "was changed since it was written" in err and str(run / "config.json") in err
+    assert len(err.strip().splitlines()) == 1
+    assert json.loads((run / "config.json").read_text()) == config
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_a_run_with_a_schedule_function_loads_but_resume_run_refuses_it(run_dir, tmp_path):
+    """config.json says "beta": null for a beta schedule given to fit as a Python function:
+    the run loads (evaluate, report), and resume_run refuses it, pointing to fit."""
+    from ppl_vae.runs import resume_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["beta"] = None
+    (run / "config.json").write_text(json.dumps(config))
+    assert load_run(run, checkpoint="last").train_config.beta == 1.0
+    with pytest.raises(CheckpointError, match=r"Python function.*fit\(\.\.\., resume=\.\.\.\)"):
+        resume_run(run, progress=False)
 
 
 def test_train_needs_out_or_resume(tmp_path, capsys):

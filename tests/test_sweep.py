@@ -92,7 +92,7 @@ def test_sweep_writes_one_evaluated_run_per_beta_and_the_table(swept):
     for beta in ("0.5", "2"):
         run = sweep_dir / f"beta={beta}"
         config = json.loads((run / "config.json").read_text())
-        assert config["beta"] == beta and config["train"]["beta"] == float(beta)
+        assert config["train"]["beta"] == float(beta) and "beta" not in config
         assert config["train"]["seed"] == 0 and config["train"]["epochs"] == 1
         evaluation = json.loads((run / "evaluation.json").read_text())
         assert evaluation["iwae_k"] == 5 and evaluation["n_images"] == 30

@@ -4,8 +4,10 @@ improves, records are kept, resumes are exact."""
 import csv
 import dataclasses
 import functools
+import hashlib
 import json
 import math
+import shutil
 
 import pyro
 import pyro.optim
@@ -17,7 +19,7 @@ from torch import nn
 from ppl_vae.checkpoint import load_checkpoint, restore
 from ppl_vae.data import datasets as data
 from ppl_vae.elbo import ELBOS
-from ppl_vae.errors import TrainingDivergedError
+from ppl_vae.errors import CheckpointError, ConfigMismatchError, TrainingDivergedError
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
 from ppl_vae.training import HISTORY_COLUMNS, TrainConfig, fit
@@ -341,7 +343,7 @@ def test_history_and_checkpoints_written(digits, tmp_path):
         modules=modules,
         out_dir=tmp_path,
         step_kwargs=NO_CHECKS,
-        checkpoint_config={"vae": {"z_dim": 4, "hidden": [32]}},
+        run_config={"vae": {"z_dim": 4, "hidden": (32,)}},
     )
     assert len(history) == 3 and history.column("epoch") == [1, 2, 3]
     assert history.column("step") == [4, 8, 12]
@@ -367,8 +369,16 @@ def test_history_and_checkpoints_written(digits, tmp_path):
     best = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     assert last.counters["epoch"] == 3 and last.counters["step"] == 12
     assert best.counters["epoch"] == history.best_epoch
-    assert last.config == {"train": config.to_dict(), "vae": {"z_dim": 4, "hidden": [32]}}
-    assert TrainConfig.from_dict(last.config["train"]) == config
+    # config.json is the configuration; each checkpoint holds the SHA-256 of its canonical
+    # JSON (sorted keys, no whitespace) without the runtime settings.
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded == {"train": config.to_dict(), "vae": {"z_dim": 4, "hidden": [32]}}
+    assert TrainConfig.from_dict(recorded["train"]) == config
+    runtime = ("device", "progress", "threads", "checkpoint_every")
+    stable = {**recorded, "train": {k: v for k, v in recorded["train"].items() if k not in runtime}}
+    text = json.dumps(stable, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    assert last.config_digest == best.config_digest == digest
     assert last.optimizer is not None and last.scheduler is not None
     leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
@@ -452,6 +462,17 @@ def test_bad_arguments_refused(digits):
     images = digits.train.images[:64]
     with pytest.raises(ValueError, match="beta schedule"):
         fit(model, guide, images, config=_config(elbo="jit-trace"), beta_schedule=lambda s: 1.0)
+    with pytest.raises(ValueError, match=r"jit-meanfield.*'warmup:10'.*recompile"):
+        _config(elbo="jit-meanfield", beta="warmup:10:1")
+    assert _config(elbo="jit-meanfield", beta="0.5").beta == 0.5
+    with pytest.raises(ValueError, match=r"TrainConfig.beta: bad beta schedule 'warmup:x'"):
+        _config(beta="warmup:x")
+    with pytest.raises(ValueError, match=r"TrainConfig.beta: bad beta -1"):
+        _config(beta=-1)
+    with pytest.raises(ValueError, match="run_config"):
+        fit(model, guide, images, config=_config(), run_config={"train": {}})
+    with pytest.raises(ValueError, match="plain JSON"):
+        fit(model, guide, images, config=_config(), run_config={"vae": {"act": print}})
     with pytest.raises(ValueError, match="beta"):
         fit(model, guide, images, config=_config(), step_kwargs={"beta": 2.0})
     with pytest.raises(ValueError, match="elbo"):
@@ -546,6 +567,8 @@ def test_resume_from_every_step_boundary_is_bitwise_exact(digits, tmp_path, monk
     )
     monkeypatch.undo()
     expected = _weights(modules)
+    # A Python schedule function overrides config.beta and cannot be recorded.
+    assert json.loads((tmp_path / "ref" / "config.json").read_text())["train"]["beta"] is None
     final = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.ckpt")
     lasts = [p for p in saved if p.name.endswith("last.ckpt")]
     assert [load_checkpoint(p).counters["step"] for p in lasts] == [1, 2, 3, 4, 5, 6]
@@ -635,20 +658,102 @@ def test_a_run_saved_with_the_engine_setting_still_loads_and_resumes(digits, tmp
     monkeypatch.undo()
     expected = _weights(modules)
     first_epoch = load_checkpoint(next(p for p in saved if p.name.endswith("last.ckpt")))
-    assert first_epoch.counters["step"] == 2 and first_epoch.config["train"]["engine"] == "fast"
+    assert first_epoch.counters["step"] == 2
     pyro.clear_param_store()
     model, guide, modules = _vae(digits, seed=77)
+    # Its digest is not this configuration's (the setting is gone): the run's config.json,
+    # which holds that digest, shows that nothing else differs.
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["train"]["engine"] == "fast"
     fit(
         model,
         guide,
         images,
         config=config,
         modules=modules,
+        out_dir=tmp_path / "old",
         resume=first_epoch,
         step_kwargs=NO_CHECKS,
     )
     for name, value in _weights(modules).items():
         assert torch.equal(value, expected[name]), name
+
+
+def _as_version_1(path, configuration) -> None:
+    """Rewrite a checkpoint as format version 1 wrote it: a copy of the configuration in its
+    body instead of the digest, signed like any checkpoint."""
+    import safetensors.torch
+
+    from ppl_vae.checkpoint import FORMAT
+
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    body = json.loads(json.loads(raw[8 : 8 + n])["__metadata__"]["ppl_vae"])
+    del body["config_digest"]
+    body.update(version=1, config=configuration)
+    text = json.dumps(body)
+    tensors = safetensors.torch.load(raw)
+    meta = {"format": FORMAT, "ppl_vae": text}
+    draft = safetensors.torch.save(tensors, meta)
+    start = 8 + int.from_bytes(draft[:8], "little")
+    meta["sha256"] = hashlib.sha256(text.encode() + draft[start:]).hexdigest()
+    path.write_bytes(safetensors.torch.save(tensors, meta))
+
+
+def test_resume_checks_the_configuration_by_its_digest(digits, tmp_path, monkeypatch):
+    """From the first epoch's checkpoint of a 2-epoch run: another lr is refused, naming it;
+    other runtime settings resume, and config.json records them under the same digest; a
+    config.json edited by hand, or missing, cannot name the differences and says so; a
+    version-1 checkpoint loads but is refused."""
+    images = digits.train.images[:128]  # 2 steps per epoch
+    config = _config(epochs=2, seed=3)
+    sections = {"vae": {"z_dim": 4, "hidden": [32]}}
+    run = tmp_path / "run"
+    saved = _keep_every_checkpoint(monkeypatch, tmp_path / "kept")
+    model, guide, modules = _vae(digits)
+    settings = {"modules": modules, "out_dir": run, "run_config": sections}
+    fit(model, guide, images, config=config, step_kwargs=NO_CHECKS, **settings)
+    monkeypatch.undo()
+    epoch_1 = next(p for p in saved if p.name.endswith("last.ckpt"))
+    assert load_checkpoint(epoch_1).counters["step"] == 2
+    recorded = (run / "config.json").read_bytes()
+
+    def resume(new_config, checkpoint=epoch_1):
+        pyro.clear_param_store()
+        model, guide, modules = _vae(digits, seed=77)
+        settings["modules"] = modules
+        fit(model, guide, images, config=new_config, resume=checkpoint, **settings)
+
+    with pytest.raises(ConfigMismatchError) as info:
+        resume(dataclasses.replace(config, lr=0.05))
+    assert info.value.differences == ["train.lr: saved 0.01, asked 0.05"]
+    assert (run / "config.json").read_bytes() == recorded  # a refused resume writes nothing
+
+    moved = dataclasses.replace(config, device="auto", progress=False, checkpoint_every=1)
+    resume(moved)
+    now = json.loads((run / "config.json").read_text())
+    assert now == {"train": moved.to_dict(), **sections} and now["train"]["device"] == "auto"
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt").config_digest == (
+        load_checkpoint(epoch_1).config_digest
+    )
+
+    edited = {**now, "train": {**now["train"], "lr": 0.02}}  # by hand, after the checkpoint
+    (run / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ConfigMismatchError, match="changed since it was written or is missing"):
+        resume(dataclasses.replace(config, lr=0.02))
+    (run / "config.json").unlink()
+    with pytest.raises(ConfigMismatchError, match="cannot be named") as info:
+        resume(dataclasses.replace(config, lr=0.02))
+    assert info.value.differences == []
+
+    old = tmp_path / "v1.ckpt"
+    shutil.copy(epoch_1, old)
+    _as_version_1(old, {"train": config.to_dict(), **sections})
+    loaded = load_checkpoint(old)
+    assert loaded.version == 1 and loaded.config_digest is None
+    restore(loaded, modules=_vae(digits, seed=5)[2], rng=False)  # still loads for evaluation
+    with pytest.raises(CheckpointError, match=r"format version 1.*older ppl-vae") as info:
+        resume(config, checkpoint=old)
+    assert "\n" not in str(info.value)
 
 
 def test_config_differences_and_checkpoint_every():

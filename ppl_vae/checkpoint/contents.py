@@ -7,7 +7,8 @@ tensors (the file itself is :mod:`ppl_vae.checkpoint.format`):
   already hold (buffers, frozen weights), so a network's weights are stored once;
 - the optimizer's and the learning-rate scheduler's state dicts, and the optimizer's
   parameters by param-store name, in order;
-- counters (step, epoch, ...) and the run's configuration, as plain JSON;
+- counters (step, epoch, ...), as plain JSON, and the digest of the run's configuration
+  (the configuration itself is the run's ``config.json``);
 - a trainer's own state (``state``: plain JSON and tensors);
 - the random states of torch (CPU and CUDA), numpy and Python's ``random``.
 """
@@ -38,8 +39,10 @@ __all__ = [
     "optimizer_param_names",
 ]
 
-FORMAT_VERSION = 1
-"""Version of the layout written by :func:`~ppl_vae.checkpoint.format.save_checkpoint`."""
+FORMAT_VERSION = 2
+"""Version of the layout written by :func:`~ppl_vae.checkpoint.format.save_checkpoint`: 2
+holds the digest of the run's configuration (``config_digest``) where 1 held a copy of the
+configuration; version-1 files still load, without it."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +56,8 @@ class Checkpoint:
     ``rng`` has ``"torch"`` (uint8 tensor), ``"cuda"`` (list of uint8 tensors), ``"numpy"``
     (a tuple for ``np.random.set_state``) and ``"python"`` (a tuple for
     ``random.setstate``), or is ``None`` when not saved. ``state`` is the trainer's own
-    state as saved (plain JSON values and tensors).
+    state as saved (plain JSON values and tensors). ``config_digest`` is the digest of the
+    configuration the run was written with (``None`` when not given, and in version-1 files).
     """
 
     path: Path
@@ -65,7 +69,7 @@ class Checkpoint:
     optimizer_params: list[str | None] | None
     scheduler: dict[str, Any] | None
     counters: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
+    config_digest: str | None = None
     rng: dict[str, Any] | None = None
     version: int = FORMAT_VERSION
     has_param_store: bool = True
@@ -116,7 +120,7 @@ def collect_contents(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     counters: Mapping[str, Any],
-    config: Mapping[str, Any],
+    config_digest: str | None,
     rng: bool,
     state: Mapping[str, Any] | None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -146,7 +150,9 @@ def collect_contents(
     if scheduler is not None:
         body["scheduler"] = encode_tagged(scheduler.state_dict(), "sched", tensors)
     body["counters"] = plain_json(dict(counters), "counters")
-    body["config"] = plain_json(dict(config), "config")
+    if config_digest is not None and not isinstance(config_digest, str):
+        raise CheckpointError(f"config_digest must be text, got {type(config_digest).__name__}")
+    body["config_digest"] = config_digest
     if rng:
         body["rng"] = _rng_state(tensors)
     if state is not None:
@@ -245,12 +251,22 @@ def checkpoint_from_contents(
         optimizer_params=body.get("optimizer_params"),
         scheduler=scheduler,
         counters=dict(body["counters"]),
-        config=dict(body["config"]),
+        config_digest=_config_digest(path, body, version),
         rng=rng,
         version=version,
         has_param_store=bool(body.get("param_store", True)),
         state=state,
     )
+
+
+def _config_digest(path: Path, body: dict[str, Any], version: int) -> str | None:
+    """The configuration's digest a body holds (version 1 held the configuration instead)."""
+    if version < 2:
+        return None
+    digest = body["config_digest"]
+    if digest is not None and not isinstance(digest, str):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its configuration digest is not text")
+    return digest
 
 
 def _networks(

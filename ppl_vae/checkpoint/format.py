@@ -63,7 +63,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     counters: Mapping[str, Any] | None = None,
-    config: Mapping[str, Any] | None = None,
+    config_digest: str | None = None,
     rng: bool = True,
     state: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -76,7 +76,9 @@ def save_checkpoint(
         name, so :func:`restore` can check it is given an optimizer over the same parameters.
     :param scheduler: a ``torch.optim.lr_scheduler`` object (anything with ``state_dict``).
     :param counters: plain JSON (step, epoch, position in the data order, ...).
-    :param config: plain JSON, the run's configuration.
+    :param config_digest: the digest of the run's configuration (text), which a trainer
+        compares before it continues from the checkpoint; the configuration itself is the
+        run's to keep (``fit`` writes it to ``config.json``).
     :param rng: store the torch (CPU, and CUDA when in use), numpy and ``random`` states.
     :param state: a trainer's own state: string keys, values tensors (e.g. a
         ``torch.Generator``'s ``get_state()``), numbers, strings, lists, tuples and dicts of
@@ -93,7 +95,7 @@ def save_checkpoint(
         optimizer=optimizer,
         scheduler=scheduler,
         counters=counters or {},
-        config=config or {},
+        config_digest=config_digest,
         rng=rng,
         state=state,
     )

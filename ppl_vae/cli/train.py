@@ -29,8 +29,8 @@ from ppl_vae.cli.config_flags import (
     vae_config_from_args,
 )
 from ppl_vae.cli.options import add_device_argument, add_no_progress_argument, add_threads_argument
-from ppl_vae.elbo import ELBOS, parse_schedule
-from ppl_vae.runs import TrainedRun, resume_run, run_config, train_run
+from ppl_vae.elbo import ELBOS, canonical_beta
+from ppl_vae.runs import TrainedRun, resume_run, train_run
 from ppl_vae.training import LR_SCHEDULES, PRECISIONS, TrainConfig
 from ppl_vae.vae import ARCHITECTURES, VAEConfig
 
@@ -57,6 +57,24 @@ _NETWORK_FLAGS = (
     ConfigFlag(
         VAEConfig, "arch", "network architecture (default: {default})", choices=ARCHITECTURES
     ),
+)
+
+
+def _beta(text: str) -> float | str:
+    """argparse type of ``--beta``: the one form TrainConfig holds, so that the value given
+    with ``--resume`` and the saved one compare by equality."""
+    try:
+        return canonical_beta(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_BETA = ConfigFlag(
+    TrainConfig,
+    "beta",
+    "KL weight: a number, warmup:STEPS[:END] (linear KL warm-up) or "
+    "cyclical:PERIOD[:RATIO[:END]] (default: {default}); evaluation always reports beta = 1",
+    parse=_beta,
 )
 _SCHEDULE_FLAGS = (
     BATCH_SIZE,
@@ -102,26 +120,17 @@ _OBJECTIVE_FLAGS = (
         option="particles",
     ),
 )
-_RUN_FLAGS = (*MODEL_FLAGS, *_NETWORK_FLAGS, *_SCHEDULE_FLAGS, *_OBJECTIVE_FLAGS, SEED)
-"""The flags of the settings that define a run, besides --beta and --train-subset: with
---resume, the ones given must match the run's own."""
+_RUN_FLAGS = (*MODEL_FLAGS, *_NETWORK_FLAGS, *_SCHEDULE_FLAGS, _BETA, *_OBJECTIVE_FLAGS, SEED)
+"""The flags of the settings that define a run, besides --train-subset: with --resume, the
+ones given must match the run's own."""
 
-# Where each run-defining setting sits in config.json (--beta and --train-subset set no
-# dataclass field). Their parser defaults are None, so that with --resume the ones given on
-# the command line are known and compared with the run's own.
+# Where each run-defining setting sits in config.json (--train-subset sets no dataclass
+# field). Their parser defaults are None, so that with --resume the ones given on the
+# command line are known and compared with the run's own.
 _PLACES: dict[str, tuple[str, ...]] = {
     **settings_places(_RUN_FLAGS),
-    "beta": ("beta",),
     "train_subset": ("data", "train_subset"),
 }
-_BETA_DEFAULT = "1"  # --beta's text when not given
-
-
-def _same_beta(saved: object, asked: object) -> bool:
-    try:
-        return float(str(saved)) == float(str(asked))
-    except ValueError:
-        return str(saved) == str(asked)
 
 
 def _resume(args: argparse.Namespace) -> TrainedRun:
@@ -132,14 +141,9 @@ def _resume(args: argparse.Namespace) -> TrainedRun:
         )
     if args.overwrite:
         raise ValueError("--overwrite starts a new run: use it with --out, not --resume")
-    expect = given_settings(args, _PLACES)
-    if "beta" in expect:
-        saved = run_config(args.resume).get("beta")
-        if saved is not None and _same_beta(saved, expect["beta"]):
-            expect["beta"] = saved
     return resume_run(
         args.resume,
-        expect=expect,
+        expect=given_settings(args, _PLACES),
         device=args.device,
         progress=False if args.no_progress else None,
         threads=args.threads,
@@ -164,14 +168,10 @@ def _start(args: argparse.Namespace) -> TrainedRun:
     if args.overwrite:  # the old run's checkpoints must not be resumed by mistake
         for old in ("last.ckpt", "best.ckpt"):
             (last.parent / old).unlink(missing_ok=True)
-    beta_spec = _BETA_DEFAULT if args.beta is None else args.beta
-    schedule = parse_schedule(beta_spec)
-    constant = getattr(schedule, "beta", None)
     train_config = build_config(
         TrainConfig,
         args,
         _RUN_FLAGS,
-        beta=1.0 if constant is None else constant,
         device=args.device or config_default(TrainConfig, "device"),
         progress=not args.no_progress,
         threads=args.threads,
@@ -182,8 +182,6 @@ def _start(args: argparse.Namespace) -> TrainedRun:
         vae_config_from_args(args, _NETWORK_FLAGS),
         train_config,
         data_dir=args.data_dir,
-        beta_schedule=None if constant is not None else schedule,
-        beta_spec=beta_spec,
         train_subset=args.train_subset,
     )
 
@@ -207,14 +205,7 @@ def _run(args: argparse.Namespace) -> int:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that define the run, in the order --help lists them."""
     add_model_arguments(parser, defaults=False)
-    add_flags(parser, (*_NETWORK_FLAGS, *_SCHEDULE_FLAGS), defaults=False)
-    parser.add_argument(
-        "--beta",
-        default=None,
-        help="KL weight: a number, warmup:STEPS[:END] (linear KL warm-up) or "
-        "cyclical:PERIOD[:RATIO[:END]] (default: 1); evaluation always reports beta = 1",
-    )
-    add_flags(parser, _OBJECTIVE_FLAGS, defaults=False)
+    add_flags(parser, (*_NETWORK_FLAGS, *_SCHEDULE_FLAGS, _BETA, *_OBJECTIVE_FLAGS), defaults=False)
     parser.add_argument(
         "--train-subset",
         type=int,

@@ -5,6 +5,10 @@ ELBO_beta = E_q[log p(x | z)] - beta KL(q(z | x) || p(z)). Pyro's ``poutine.scal
 positive scale, so beta = 0 (the start of a warm-up) masks the latent sites instead, which
 removes their log-densities, i.e. the KL term, exactly.
 
+A KL weight is a number or a schedule beta(step) (:class:`LinearWarmup`, :class:`Cyclical`),
+each with a text form (``spec``) that :func:`parse_schedule` reads back; :func:`canonical_beta`
+gives the one form a configuration holds, so equal weights compare equal.
+
 Free bits (Kingma et al. 2016) replace each latent site's KL term by max(lambda, KL): below
 lambda nats per datapoint the site's log-densities are masked in model and guide (no gradient
 pushes its KL further down) and a constant -lambda takes their place (:class:`FreeBits`).
@@ -30,6 +34,8 @@ __all__ = [
     "FreeBits",
     "LinearWarmup",
     "Schedule",
+    "as_schedule",
+    "canonical_beta",
     "kl_scale",
     "parse_schedule",
 ]
@@ -50,6 +56,13 @@ class Schedule(Protocol):
     def __call__(self, step: int) -> float: ...
 
 
+def _number(value: float) -> str:
+    """A float as the shortest text that reads back as the same float, without a trailing
+    ".0": 1.0 -> "1", 0.25 -> "0.25"."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
 @dataclass(frozen=True)
 class Constant:
     """beta(step) = beta."""
@@ -58,6 +71,11 @@ class Constant:
 
     def __call__(self, step: int) -> float:
         return self.beta
+
+    @property
+    def spec(self) -> str:
+        """The text :func:`parse_schedule` reads back as this object: ``"0.5"``."""
+        return _number(self.beta)
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,16 @@ class LinearWarmup:
             return self.end
         return self.start + (self.end - self.start) * min(1.0, step / self.steps)
 
+    @property
+    def spec(self) -> str:
+        """The canonical text ``"warmup:STEPS[:END]"`` (END only when not 1).
+
+        :raises ValueError: for ``start != 0``, which the text form cannot say.
+        """
+        if self.start != 0:
+            raise ValueError(f"{self!r} starts above 0, which warmup:STEPS[:END] cannot say")
+        return ":".join(["warmup", str(self.steps), *_trailing((self.end,), (1.0,))])
+
 
 @dataclass(frozen=True)
 class Cyclical:
@@ -87,27 +115,97 @@ class Cyclical:
         phase = (step % self.period) / self.period
         return self.end * min(1.0, phase / self.ratio)
 
+    @property
+    def spec(self) -> str:
+        """The canonical text ``"cyclical:PERIOD[:RATIO[:END]]"`` (trailing defaults left out)."""
+        values = _trailing((self.ratio, self.end), (0.5, 1.0))
+        return ":".join(["cyclical", str(self.period), *values])
+
+
+def _trailing(values: tuple[float, ...], defaults: tuple[float, ...]) -> list[str]:
+    """``values`` as text, without the trailing ones equal to their defaults."""
+    kept = list(values)
+    while kept and kept[-1] == defaults[len(kept) - 1]:
+        kept.pop()
+    return [_number(v) for v in kept]
+
+
+_GRAMMAR = "use a number, warmup:STEPS[:END] or cyclical:PERIOD[:RATIO[:END]]"
+_MOST_VALUES = {"warmup": 2, "cyclical": 3}  # after the kind
+
+
+def _weight(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
 
 def parse_schedule(spec: str) -> Schedule:
-    """``"0.5"`` (constant), ``"warmup:STEPS[:END]"`` or ``"cyclical:PERIOD[:RATIO[:END]]"``."""
+    """``"0.5"`` (constant), ``"warmup:STEPS[:END]"`` or ``"cyclical:PERIOD[:RATIO[:END]]"``,
+    with STEPS >= 0, PERIOD >= 1, 0 < RATIO <= 1 and END (or the constant) a number >= 0.
+    ``parse_schedule(s.spec) == s`` for every schedule ``s`` it returns.
+
+    :raises ValueError: ``"bad beta ..."``, for text outside that grammar or those ranges.
+    """
     kind, *values = spec.split(":")
     try:
-        if kind == "warmup":
-            steps, *rest = values
-            return LinearWarmup(int(steps), end=float(rest[0]) if rest else 1.0)
-        if kind == "cyclical":
-            period, *rest = values
-            ratio = float(rest[0]) if rest else 0.5
-            return Cyclical(int(period), ratio, float(rest[1]) if len(rest) > 1 else 1.0)
-        beta = float(kind)
+        schedule = _read(kind, values)
     except (ValueError, IndexError):
-        raise ValueError(
-            f"bad beta schedule {spec!r}: use a number, warmup:STEPS[:END] or "
-            "cyclical:PERIOD[:RATIO[:END]]"
-        ) from None
-    if not math.isfinite(beta) or beta < 0 or values:
-        raise ValueError(f"bad beta {spec!r}: a number >= 0")
-    return Constant(beta)
+        raise ValueError(f"bad beta schedule {spec!r}: {_GRAMMAR}") from None
+    if isinstance(schedule, Constant):
+        if values or not _weight(schedule.beta):
+            raise ValueError(f"bad beta {spec!r}: a number >= 0")
+        return schedule
+    problem = None
+    if len(values) > _MOST_VALUES[kind]:
+        problem = f"too many values; {_GRAMMAR}"
+    elif not _weight(schedule.end):
+        problem = "END must be a number >= 0"
+    elif isinstance(schedule, LinearWarmup) and schedule.steps < 0:
+        problem = "STEPS must be >= 0"
+    elif isinstance(schedule, Cyclical) and not (schedule.period >= 1 and 0 < schedule.ratio <= 1):
+        problem = "PERIOD must be >= 1 and 0 < RATIO <= 1"
+    if problem is not None:
+        raise ValueError(f"bad beta schedule {spec!r}: {problem}")
+    return schedule
+
+
+def _read(kind: str, values: list[str]) -> Schedule:
+    """The schedule the text's parts name, unchecked; ``ValueError`` or ``IndexError`` when
+    they are not numbers or too few."""
+    if kind == "warmup":
+        steps, *rest = values
+        return LinearWarmup(int(steps), end=float(rest[0]) if rest else 1.0)
+    if kind == "cyclical":
+        period, *rest = values
+        ratio = float(rest[0]) if rest else 0.5
+        return Cyclical(int(period), ratio, float(rest[1]) if len(rest) > 1 else 1.0)
+    return Constant(float(kind))
+
+
+def canonical_beta(value: float | str | Schedule) -> float | str:
+    """The one form of a KL weight that configurations hold and compare: a constant as a
+    float (``1``, ``"1"`` and ``"1.0"`` all give 1.0), a schedule as its canonical text
+    (``"warmup:10"`` and ``"warmup:10:1"`` both give ``"warmup:10"``). Takes a number >= 0,
+    the text :func:`parse_schedule` reads, or a :class:`Constant`, :class:`LinearWarmup` or
+    :class:`Cyclical`.
+
+    :raises ValueError: for anything else (text: with :func:`parse_schedule`'s message).
+    """
+    if isinstance(value, Constant | LinearWarmup | Cyclical):
+        value = value.spec
+    if isinstance(value, str):
+        schedule = parse_schedule(value)
+        return schedule.beta if isinstance(schedule, Constant) else schedule.spec
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"bad beta {value!r}: a number >= 0 or a schedule's text; {_GRAMMAR}")
+    if not _weight(value):
+        raise ValueError(f"bad beta {value!r}: a number >= 0")
+    return float(value)
+
+
+def as_schedule(beta: float | str) -> Schedule:
+    """The schedule a KL weight in either form of :func:`canonical_beta` stands for."""
+    beta = canonical_beta(beta)
+    return parse_schedule(beta) if isinstance(beta, str) else Constant(beta)
 
 
 # --------------------------------------------------------------------------------------------

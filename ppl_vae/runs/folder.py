@@ -1,6 +1,7 @@
 """A run folder: train a VAE into it, and evaluate or sample from it later.
 
-    runs/NAME/config.json           data, networks and training settings (plain JSON)
+    runs/NAME/config.json           training, networks and data settings (plain JSON; the
+                                    checkpoints hold its digest)
     runs/NAME/history.{csv,json}    one row per epoch (train objective, validation ELBO, ...)
     runs/NAME/checkpoints/          best.ckpt (best validation ELBO) and last.ckpt
     runs/NAME/samples.png           decoded samples from the prior
@@ -27,7 +28,6 @@ import torch
 from ppl_vae.atomic import write_json
 from ppl_vae.checkpoint import load_checkpoint, restore
 from ppl_vae.data import Dataset, load
-from ppl_vae.elbo import parse_schedule
 from ppl_vae.errors import CheckpointError, ConfigMismatchError, WriteError
 from ppl_vae.models import vae as vae_model
 from ppl_vae.rng import forked_rng
@@ -35,6 +35,7 @@ from ppl_vae.runs.evaluate import evaluate, vae_log_evidence
 from ppl_vae.runs.evaluation import Evaluation
 from ppl_vae.runs.image_plots import image_grid, reconstructions_figure, save
 from ppl_vae.training import (
+    CONFIG_FILE,
     History,
     TrainConfig,
     config_differences,
@@ -53,12 +54,12 @@ __all__ = [
     "train_run",
 ]
 
-CONFIG_FILE = "config.json"
-
 
 @dataclass(frozen=True)
 class TrainedRun:
-    """A run folder with its networks (weights restored) and its data."""
+    """A run folder with its networks (weights restored) and its data. ``train_config`` is
+    the run's, except that a run trained with a Python ``beta_schedule`` (``config.json``
+    says ``"beta": null``) shows the default beta."""
 
     path: Path
     vae: VAE
@@ -74,13 +75,14 @@ def train_run(
     *,
     data_dir: str | None = None,
     beta_schedule: Callable[[int], float] | None = None,
-    beta_spec: str | None = None,
     train_subset: int | None = None,
 ) -> TrainedRun:
-    """Load the data, build fresh networks from the seed, train, and write the run folder.
+    """Load the data, build fresh networks from the seed, train, and write the run folder
+    (``config.json``: ``{"train", "vae", "data"}``, written by :func:`~ppl_vae.training.fit`).
 
-    :param beta_spec: the schedule's text form, recorded in ``config.json`` (a run whose
-        ``beta_schedule`` has none cannot be resumed by :func:`resume_run`).
+    :param beta_schedule: a Python function ``beta(step)``, overriding ``train_config.beta``
+        (a warm-up or cyclical schedule goes in ``train_config.beta`` as text). Not
+        recorded: :func:`resume_run` cannot resume such a run.
     :param train_subset: train on the first N training images only (quick runs).
     """
     out = Path(out)
@@ -101,18 +103,11 @@ def train_run(
         {**vae_config.to_dict(), "binarize": binarize, "image_shape": data.image_shape}
     )
     train_images = _training_images(data, config, train_subset)
-    if beta_schedule is None:
-        beta = beta_spec or str(train_config.beta)
-    else:
-        beta = beta_spec  # None: a schedule given as a function, not recorded
-    settings = {
+    sections = {
         "vae": config.to_dict(),
-        "train": train_config.to_dict(),
-        "beta": beta,
         "data": {"source": data.source, "train_subset": train_subset, "data_dir": data_dir},
     }
-    write_json(out / CONFIG_FILE, settings)
-    return _train(out, config, train_config, data, train_images, beta_schedule, resume=False)
+    return _train(out, train_config, sections, data, train_images, beta_schedule, resume=False)
 
 
 def _training_images(data: Dataset, config: VAEConfig, train_subset: int | None) -> torch.Tensor:
@@ -131,14 +126,17 @@ def _training_images(data: Dataset, config: VAEConfig, train_subset: int | None)
 
 def _train(
     out: Path,
-    config: VAEConfig,
     train_config: TrainConfig,
+    sections: dict[str, Any],
     data: Dataset,
     train_images: torch.Tensor,
     beta_schedule: Callable[[int], float] | None,
     *,
     resume: bool,
 ) -> TrainedRun:
+    """Train from fresh networks (or resume from ``last.ckpt``); ``sections`` the run's
+    configuration besides ``"train"``."""
+    config = VAEConfig.from_dict(sections["vae"])
     last = out / "checkpoints" / "last.ckpt"
     pyro.clear_param_store()
     pyro.set_rng_seed(train_config.seed)
@@ -154,7 +152,7 @@ def _train(
         dynamic_binarize=config.binarize == "dynamic",
         step_kwargs={"check_data": False},
         beta_schedule=beta_schedule,
-        checkpoint_config={"vae": config.to_dict()},
+        run_config=sections,
         resume=last if resume and last.exists() else None,
     )
     run = TrainedRun(out, vae, train_config, data, history)
@@ -200,11 +198,15 @@ def resume_run(
     :param expect: settings the caller asks for, nested as in ``config.json`` (``{"vae":
         {"z_dim": 8}}``); any that differ from the run's own are refused.
     :param device: run on another device (``device``, ``progress``, ``threads`` and
-        ``checkpoint_every`` may change; ``None`` keeps the saved value).
-    :param data_dir: where the data set is now, when it moved.
-    :raises ConfigMismatchError: listing every setting in ``expect`` that differs.
+        ``checkpoint_every`` may change; ``None`` keeps the saved value; ``config.json``
+        then records the new values).
+    :param data_dir: where the data set is now, when it moved (``config.json`` keeps the
+        folder it was trained from).
+    :raises ConfigMismatchError: listing every setting in ``expect`` that differs, or when
+        ``config.json`` no longer holds the configuration the checkpoint was written with.
     :raises CheckpointError: for a folder that is not a run, an unreadable checkpoint, or a
-        run that cannot be resumed (``engine="svi"``, a beta schedule with no text form).
+        run that cannot be resumed (a beta schedule given as a Python function, a
+        checkpoint of an older ppl-vae).
     """
     path = Path(path)
     settings = run_config(path)
@@ -217,28 +219,24 @@ def resume_run(
                 "in another folder.",
                 differences=differences,
             )
-    config = VAEConfig.from_dict(settings["vae"])
+    if settings["train"].get("beta", 1.0) is None:
+        raise CheckpointError(
+            f"{path} was trained with a beta schedule given as a Python function, which "
+            f"{CONFIG_FILE} does not record: resume it with fit(..., resume=...) and the "
+            "same schedule"
+        )
     runtime = {
         "device": device,
         "progress": progress,
         "threads": threads,
         "checkpoint_every": checkpoint_every,
     }
-    train_values = {
-        **settings["train"],
-        **{key: value for key, value in runtime.items() if value is not None},
-    }
-    train_config = TrainConfig.from_dict(train_values)
-    spec = settings.get("beta")
-    if spec is None:
-        raise CheckpointError(
-            f"{path} was trained with a beta schedule given as a Python function, which "
-            f"{CONFIG_FILE} does not record: resume it with fit(..., resume=...) and the "
-            "same schedule"
-        )
-    schedule = parse_schedule(str(spec))
-    constant = getattr(schedule, "beta", None)
-    data_settings = settings.get("data") or {}
+    given = {key: value for key, value in runtime.items() if value is not None}
+    train_config = _saved_train_config(settings, **given)
+    # Every other section as saved, so the configuration's digest is the checkpoint's.
+    sections = {key: value for key, value in settings.items() if key != "train"}
+    config = VAEConfig.from_dict(sections["vae"])
+    data_settings = sections.get("data") or {}
     data = load(
         config.dataset,
         data_dir=data_dir or data_settings.get("data_dir"),
@@ -247,15 +245,16 @@ def resume_run(
         device=resolve_device(train_config.device),
     )
     train_images = _training_images(data, config, data_settings.get("train_subset"))
-    return _train(
-        path,
-        config,
-        train_config,
-        data,
-        train_images,
-        None if constant is not None else schedule,
-        resume=True,
-    )
+    return _train(path, train_config, sections, data, train_images, None, resume=True)
+
+
+def _saved_train_config(settings: dict[str, Any], **runtime: Any) -> TrainConfig:
+    """The TrainConfig of a run's ``config.json`` with ``runtime`` settings replaced; the
+    default beta for a run trained with a Python schedule function (saved as null)."""
+    values = {**settings["train"], **runtime}
+    if values.get("beta", 1.0) is None:
+        del values["beta"]
+    return TrainConfig.from_dict(values)
 
 
 def load_run(
@@ -270,7 +269,7 @@ def load_run(
     device = resolve_device(device)
     settings = run_config(path)
     config = VAEConfig.from_dict(settings["vae"])
-    train_config = TrainConfig.from_dict({**settings["train"], "device": str(device)})
+    train_config = _saved_train_config(settings, device=str(device))
     saved = load_checkpoint(path / "checkpoints" / f"{checkpoint}.ckpt")
     pyro.clear_param_store()
     vae = build_vae(config)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ppl_vae.atomic import write_atomically
-from ppl_vae.elbo import Constant, Schedule, parse_schedule
+from ppl_vae.elbo import Constant, Schedule, as_schedule, canonical_beta
 from ppl_vae.models import vae as vae_model
 from ppl_vae.rng import forked_rng
 from ppl_vae.runs.folder import TrainedRun, load_run
@@ -104,13 +104,30 @@ def write_report(
     return _run_report(path, out_dir, **options)
 
 
+def _beta(config: dict[str, Any] | None) -> Any:
+    """The KL weight of a run's ``config.json``: ``train.beta`` (run folders written before
+    it could hold a schedule's text kept that text at the top level, as ``beta``)."""
+    if not config:
+        return None
+    return config["beta"] if "beta" in config else (config.get("train") or {}).get("beta")
+
+
 def _schedule(spec: Any) -> Schedule | None:
-    """The beta schedule of a run's ``config.json`` (``None`` when constant or unreadable)."""
+    """The beta schedule of a KL weight (``None`` when constant, unrecorded or unreadable)."""
     try:
-        schedule = parse_schedule(str(spec))
+        schedule = as_schedule(spec)
     except ValueError:
         return None
     return None if isinstance(schedule, Constant) else schedule
+
+
+def _show_beta(beta: Any) -> str:
+    """A KL weight as the page writes it: 1, 0.5 or warmup:100 (``?`` when not recorded)."""
+    try:
+        beta = canonical_beta(beta)
+    except ValueError:
+        return "?"
+    return f"{beta:g}" if isinstance(beta, float) else beta
 
 
 def _pairs(labels: torch.Tensor, count: int) -> list[tuple[int, int]]:
@@ -160,7 +177,7 @@ def _run_report(
     has_validation = any(row.get("val_kl") is not None for row in history)
     figures: _Figures = []
     if history and has_validation:
-        schedule = _schedule(config.get("beta")) if config else None
+        schedule = _schedule(_beta(config))
         figures += _training_figures(history, schedule, out_dir)
     code, latent = _latent_figures(run, latent_images, seed, out_dir)
     figures += latent + _image_figures(run, seed, out_dir)
@@ -177,7 +194,7 @@ def _run_report(
         "<p>"
         + html.escape(
             f"{vc.dataset} ({run.dataset.source}), likelihood {vc.likelihood}, z_dim "
-            f"{vc.z_dim}, hidden {list(vc.hidden)}, beta {config.get('beta') if config else '?'}"
+            f"{vc.z_dim}, hidden {list(vc.hidden)}, beta {_show_beta(_beta(config))}"
             f"; checkpoint {checkpoint}. All values in nats per image."
         )
         + "</p>"

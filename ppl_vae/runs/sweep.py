@@ -173,14 +173,7 @@ def run_sweep(
     for beta in betas:
         name = run_folder_name(beta)
         config = dataclasses.replace(train_config, beta=beta)
-        train_run(
-            out / name,
-            vae_config,
-            config,
-            data_dir=data_dir,
-            beta_spec=f"{beta:g}",
-            train_subset=train_subset,
-        )
+        train_run(out / name, vae_config, config, data_dir=data_dir, train_subset=train_subset)
         result = evaluate_run(
             out / name,
             iwae_samples=iwae_k,

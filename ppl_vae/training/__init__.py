@@ -1,8 +1,9 @@
-"""Training a pair with SVI: the configuration and history (config), the device (device),
+"""Training a pair with SVI: the configuration and history (config), the run's configuration
+as recorded, config.json and its digest in checkpoints (configuration), the device (device),
 the step (engine: differentiable_loss + one fused Adam), the data order (order), validation,
 the divergence guard (guard), signals, what a checkpoint holds of the loop (state), the run's
-files (files: checkpoints; history: history.csv/json), the progress bar (progress) and the
-loop (loop: :func:`fit`).
+files (files: config.json and checkpoints; history: history.csv/json), the progress bar
+(progress), fit's argument checks (arguments) and the loop (loop: :func:`fit`).
 
 The run maximises L_beta(x) = E_q[log p(x | z)] - beta * KL(q(z | x) || p(z)) and reports
 ELBO = reconstruction - KL (beta = 1) on validation images after every epoch. The names
@@ -17,12 +18,18 @@ from ppl_vae.training.config import (
     History,
     TrainConfig,
 )
+from ppl_vae.training.configuration import (
+    CONFIG_FILE,
+    config_differences,
+    config_digest,
+    run_configuration,
+)
 from ppl_vae.training.device import resolve_device
 from ppl_vae.training.engine import make_elbo
 from ppl_vae.training.loop import fit
-from ppl_vae.training.state import config_differences
 
 __all__ = [
+    "CONFIG_FILE",
     "HISTORY_COLUMNS",
     "LR_SCHEDULES",
     "PRECISIONS",
@@ -30,7 +37,9 @@ __all__ = [
     "History",
     "TrainConfig",
     "config_differences",
+    "config_digest",
     "fit",
     "make_elbo",
     "resolve_device",
+    "run_configuration",
 ]

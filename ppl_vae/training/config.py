@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ppl_vae.elbo import ELBOS
+from ppl_vae.elbo import ELBOS, canonical_beta
 
 __all__ = [
     "HISTORY_COLUMNS",
@@ -82,7 +82,10 @@ class TrainConfig:
     :param lr_min: the rate the cosine schedule approaches at the end.
     :param elbo: one of :data:`~ppl_vae.elbo.ELBOS`.
     :param num_particles: samples of z per image and step (vectorised when > 1).
-    :param beta: the KL weight, constant (``fit(beta_schedule=...)`` overrides it).
+    :param beta: the KL weight: a number >= 0, or a schedule's text, ``"warmup:STEPS[:END]"``
+        or ``"cyclical:PERIOD[:RATIO[:END]]"`` (:func:`~ppl_vae.elbo.parse_schedule`; not
+        with a Jit ELBO). Held in one form (:func:`~ppl_vae.elbo.canonical_beta`): ``"1"``
+        becomes 1.0 and ``"warmup:10:1"`` ``"warmup:10"``, so equal weights compare equal.
     :param seed: seeds Pyro (torch, numpy, random), the batch order and the validation draws.
     :param device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``) or ``"auto"`` (CUDA when present).
     :param progress: show a tqdm progress bar.
@@ -110,7 +113,7 @@ class TrainConfig:
     lr_min: float = 0.0
     elbo: str = "meanfield"
     num_particles: int = 1
-    beta: float = 1.0
+    beta: float | str = 1.0
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -128,7 +131,10 @@ class TrainConfig:
             _positive_int(name, getattr(self, name), allow_none=True)
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
-        _finite_at_least("beta", self.beta, 0)
+        try:  # frozen: the one form is set through object.__setattr__, once
+            object.__setattr__(self, "beta", canonical_beta(self.beta))
+        except ValueError as error:
+            raise ValueError(f"TrainConfig.beta: {error}") from None
         _finite_at_least("free_bits", self.free_bits, 0)
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"TrainConfig.lr_gamma must lie in (0, 1], got {self.lr_gamma!r}")
@@ -141,6 +147,12 @@ class TrainConfig:
         if self.elbo not in ELBOS:
             raise ValueError(f"unknown elbo {self.elbo!r}; choose one of {ELBOS}")
         jit = self.elbo.startswith("jit")
+        if isinstance(self.beta, str) and jit:
+            raise ValueError(
+                f"elbo={self.elbo!r} compiles once per distinct keyword value, so the beta "
+                f"schedule {self.beta!r} would recompile at every step: use elbo='meanfield' "
+                "or 'trace' with a schedule"
+            )
         if self.free_bits > 0 and jit:
             raise ValueError(
                 "free_bits decides per step whether KL is below lambda (a Python branch), which "

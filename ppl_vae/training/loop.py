@@ -10,8 +10,9 @@ epoch it evaluates the true ELBO (beta = 1) on a validation set, image by image,
 
     ELBO = reconstruction - KL,  reconstruction = E_q[log p(x | z)],  KL = KL(q || p),
 
-as means per image (nats), with the standard error of the ELBO's mean. The history goes to
-``history.csv`` and ``history.json`` and the weights to ``checkpoints/last.ckpt`` and
+as means per image (nats), with the standard error of the ELBO's mean. With an ``out_dir``,
+the run's configuration goes to ``config.json``, the history to ``history.csv`` and
+``history.json`` and the weights to ``checkpoints/last.ckpt`` and
 ``checkpoints/best.ckpt`` (best validation ELBO) after every epoch, each file replaced
 atomically; with ``TrainConfig.checkpoint_every`` set, ``last.ckpt`` is also written every
 that many steps.
@@ -49,8 +50,11 @@ import torch
 from torch import Tensor, nn
 
 from ppl_vae.checkpoint import Checkpoint, load_checkpoint, restore, restore_optimizer, restore_rng
-from ppl_vae.errors import DataError, TrainingDivergedError, TrainingInterrupted
+from ppl_vae.elbo import as_schedule
+from ppl_vae.errors import TrainingDivergedError, TrainingInterrupted
+from ppl_vae.training.arguments import check_arguments
 from ppl_vae.training.config import HISTORY_COLUMNS, History, TrainConfig
+from ppl_vae.training.configuration import run_configuration
 from ppl_vae.training.device import resolve_device, torch_threads
 from ppl_vae.training.engine import Engine
 from ppl_vae.training.files import RunFiles
@@ -78,7 +82,7 @@ def fit(
     dynamic_binarize: bool = False,
     step_kwargs: Mapping[str, Any] | None = None,
     beta_schedule: Callable[[int], float] | None = None,
-    checkpoint_config: Mapping[str, Any] | None = None,
+    run_config: Mapping[str, Any] | None = None,
     resume: str | os.PathLike[str] | Checkpoint | None = None,
     handle_signals: bool = True,
 ) -> History:
@@ -96,18 +100,21 @@ def fit(
     validation and saved with the checkpoints; other parameters must be on the device.
 
     :param validation: images to evaluate the ELBO on after every epoch.
-    :param out_dir: where ``history.csv``, ``history.json`` and ``checkpoints/{last,best}.ckpt``
-        go (created if missing); ``None`` writes nothing.
+    :param out_dir: where ``config.json``, ``history.csv``, ``history.json`` and
+        ``checkpoints/{last,best}.ckpt`` go (created if missing); ``None`` writes nothing.
     :param dynamic_binarize: draw a fresh binary image from each grey training image, per
         batch (validation images are used as given).
-    :param beta_schedule: ``beta(step)`` for the 0-based step; overrides ``config.beta``. Not
-        with a Jit ELBO, which compiles once per distinct keyword value.
-    :param checkpoint_config: more plain JSON stored with the checkpoints' config, next to
-        ``"train"`` (the TrainConfig), e.g. the networks' settings.
-    :param resume: a checkpoint written by ``fit`` (path or loaded): continue that run from
-        where it stopped, with the same model, guide, data and configuration (only
-        :data:`~ppl_vae.training.config.RUNTIME_SETTINGS` may differ). The history returned
-        includes the epochs before it.
+    :param beta_schedule: a Python function ``beta(step)`` (0-based step) overriding
+        ``config.beta``, which holds text schedules. Not recorded (``"beta": null``): such a
+        run resumes only through ``fit`` with the same function. Not with a Jit ELBO.
+    :param run_config: the configuration's sections besides ``"train"`` (plain JSON), e.g.
+        ``{"vae": ..., "data": ...}``. With ``out_dir``, ``{"train": config.to_dict(),
+        **run_config}`` goes to ``config.json`` (again on resume) and its digest into
+        every checkpoint (:mod:`~ppl_vae.training.configuration`).
+    :param resume: a checkpoint written by ``fit`` (path or loaded): continue that run with
+        the same model, guide, data and configuration (only
+        :data:`~ppl_vae.training.config.RUNTIME_SETTINGS` may differ; else the run's
+        ``config.json`` names the differences). The history returned includes its epochs.
     :param handle_signals: with ``out_dir``, catch SIGINT and SIGTERM while training (in the
         main thread): write ``last.ckpt`` at the next step boundary, then raise
         :class:`~ppl_vae.errors.TrainingInterrupted`.
@@ -119,15 +126,15 @@ def fit(
         :class:`~ppl_vae.errors.CheckpointWriteError` when a checkpoint cannot be written
         (training stops: it never carries on as if it had saved).
     """
-    _check_arguments(train_images, validation, config, step_kwargs, beta_schedule)
+    check_arguments(train_images, validation, config, step_kwargs, beta_schedule)
+    configuration = run_configuration(config, run_config, beta_schedule)
     checkpoint = None
     if resume is not None:
         checkpoint = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
     device = resolve_device(config.device)
     modules = dict(modules or {})
-    ckpt_config = {"train": config.to_dict(), **dict(checkpoint_config or {})}
     out = Path(out_dir) if out_dir is not None else None
-    files = RunFiles(out, config=ckpt_config, modules=modules)
+    files = RunFiles(out, configuration=configuration, modules=modules)
     with (
         torch_threads(config.threads),
         warnings.catch_warnings(),
@@ -152,38 +159,6 @@ def fit(
         return loop.run(checkpoint)
 
 
-def _check_images(images: Tensor, name: str) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 2 or not images.is_floating_point():
-        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise DataError(f"{name} must be a 2-D float tensor (N, D) of flattened images, got {got}")
-    if images.shape[0] == 0:
-        raise DataError(f"{name} holds no images")
-
-
-def _check_arguments(
-    train_images: Tensor,
-    validation: Tensor | None,
-    config: TrainConfig,
-    step_kwargs: Mapping[str, Any] | None,
-    beta_schedule: Callable[[int], float] | None,
-) -> None:
-    _check_images(train_images, "train_images")
-    if validation is not None:
-        _check_images(validation, "validation")
-        if validation.shape[1] != train_images.shape[1]:
-            raise DataError(
-                f"validation images have {validation.shape[1]} values each, training images "
-                f"{train_images.shape[1]}: they must come from the same dataset"
-            )
-    if "beta" in (step_kwargs or {}):
-        raise ValueError("pass beta through TrainConfig.beta or beta_schedule, not step_kwargs")
-    if config.elbo.startswith("jit") and beta_schedule is not None:
-        raise ValueError(
-            f"elbo={config.elbo!r} compiles once per distinct keyword value, so a beta schedule "
-            "would recompile at every step: use elbo='meanfield' or 'trace' with a schedule"
-        )
-
-
 class _Loop:
     """One training run: its engine, state, data order, guard and checkpoints."""
 
@@ -204,8 +179,10 @@ class _Loop:
         stop: StopFlag,
     ) -> None:
         self.config, self.modules, self.files = config, modules, files
-        self.kwargs, self.beta_schedule, self.stop = kwargs, beta_schedule, stop
-        self.device = device
+        self.kwargs, self.stop, self.device = kwargs, stop, device
+        # The bar's running value is the ELBO when beta = 1, the beta-ELBO otherwise.
+        self.plain = beta_schedule is None and config.beta == 1 and config.free_bits == 0
+        self.beta_at = beta_schedule if beta_schedule is not None else as_schedule(config.beta)
 
         pyro.set_rng_seed(config.seed)
         x_train = train_images.to(device)  # moved once; batches are slices of it
@@ -225,7 +202,8 @@ class _Loop:
             guide,
             config,
             x_train[: config.batch_size],
-            {**kwargs, "beta": float(config.beta)},  # any beta: no gradient is taken
+            # Any beta: no gradient is taken (and a schedule function is not called early).
+            {**kwargs, "beta": config.beta if isinstance(config.beta, float) else 1.0},
             device,
             dynamic_binarize,
         )
@@ -246,14 +224,13 @@ class _Loop:
         config = self.config
         if checkpoint is not None:
             self._resume(checkpoint)
-        # The bar's running value is the ELBO when beta = 1, the beta-ELBO otherwise.
-        plain = self.beta_schedule is None and config.beta == 1 and config.free_bits == 0
+        self.files.write_config()  # after the resume's checks: a refused one changes nothing
         rows = self.state.history.rows
         progress = Progress(
             total=config.epochs * self.steps_per_epoch,
             initial=self.state.step,
             enabled=config.progress,
-            label="elbo" if plain else "objective",
+            label="elbo" if self.plain else "objective",
             last_row=rows[-1] if rows else None,
         )
         try:
@@ -306,11 +283,7 @@ class _Loop:
 
     def _step(self, x: Tensor) -> None:
         state, engine = self.state, self.engine
-        beta = (
-            float(self.beta_schedule(state.step))
-            if self.beta_schedule is not None
-            else float(self.config.beta)
-        )
+        beta = float(self.beta_at(state.step))
         # Argument checks run on the first step, where a model bug shows; later they would
         # cost a device sync per distribution and step, and NaN arguments then show as a NaN
         # loss, which the guard reports.
@@ -393,7 +366,12 @@ class _Loop:
         return [self.order.n, int(self.order.images.shape[1])]
 
     def _resume(self, checkpoint: Checkpoint) -> None:
-        check_resumable(checkpoint, self.files.config, self._images())
+        check_resumable(
+            checkpoint,
+            self.files.configuration,
+            self._images(),
+            config_files=self.files.config_files(checkpoint),
+        )
         self.state = RunState.read(
             checkpoint,
             self.state.history,

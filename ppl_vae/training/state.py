@@ -4,16 +4,17 @@ A checkpoint written at a step boundary holds the counters (epoch, step, positio
 epoch's data order, best epoch and value, wall time), the history, and within an epoch its
 running sums (summed loss, images seen, beta, train time) with the data-order generator's
 state; parameters, optimizer, scheduler and random states go beside them
-(:mod:`ppl_vae.checkpoint`). A run resumes only with the configuration it was written with,
-up to :data:`~ppl_vae.training.config.RUNTIME_SETTINGS`, and on the same training images.
+(:mod:`ppl_vae.checkpoint`). A run resumes only with the configuration it was written with
+(:mod:`~ppl_vae.training.configuration`: the checkpoint holds its digest), up to
+:data:`~ppl_vae.training.config.RUNTIME_SETTINGS`, and on the same training images.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,74 +22,40 @@ from torch import Tensor
 
 from ppl_vae.checkpoint import Checkpoint
 from ppl_vae.errors import CheckpointError, ConfigMismatchError
-from ppl_vae.training.config import HISTORY_COLUMNS, RUNTIME_SETTINGS, History, TrainConfig
+from ppl_vae.training.config import HISTORY_COLUMNS, History
+from ppl_vae.training.configuration import check_configuration
 
-__all__ = ["RunState", "check_resumable", "config_differences"]
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, str) else repr(value)
+__all__ = ["RunState", "check_resumable"]
 
 
-def config_differences(
-    saved: Mapping[str, Any],
-    wanted: Mapping[str, Any],
+def check_resumable(
+    checkpoint: Checkpoint,
+    configuration: Mapping[str, Any],
+    images: list[int],
     *,
-    partial: bool = False,
-    ignore: tuple[str, ...] = (),
-) -> list[str]:
-    """The differences between two nested plain-JSON configurations, one line per key, as
-    ``"train.lr: saved 0.01, asked 0.001"`` (numbers compare by value, tuples as lists).
-
-    :param partial: compare only the keys ``wanted`` has (settings given on a command line).
-    :param ignore: dotted keys not compared (``"train.device"``).
-    """
-    saved = json.loads(json.dumps(dict(saved)))
-    wanted = json.loads(json.dumps(dict(wanted)))
-    out: list[str] = []
-
-    def walk(a: dict, b: dict, prefix: str) -> None:
-        keys = set(b) if partial else set(a) | set(b)
-        for key in sorted(keys):
-            dotted = f"{prefix}{key}"
-            if dotted in ignore:
-                continue
-            if key not in a:
-                out.append(f"{dotted}: not saved, asked {_show(b[key])}")
-            elif key not in b:
-                out.append(f"{dotted}: saved {_show(a[key])}, not given now")
-            elif isinstance(a[key], dict) and isinstance(b[key], dict):
-                walk(a[key], b[key], f"{dotted}.")
-            elif a[key] != b[key] or isinstance(a[key], bool) != isinstance(b[key], bool):
-                out.append(f"{dotted}: saved {_show(a[key])}, asked {_show(b[key])}")
-
-    walk(saved, wanted, "")
-    return out
-
-
-def check_resumable(checkpoint: Checkpoint, config: Mapping[str, Any], images: list[int]) -> None:
-    """Refuse a checkpoint written with another configuration than ``config`` (the one a
-    checkpoint of this run would hold), by another writer than ``fit``, or on other
-    training ``images`` ([count, values per image]).
+    config_files: Iterable[Path] = (),
+) -> None:
+    """Refuse a checkpoint written with another configuration than ``configuration`` (the
+    run's, whose digest a checkpoint of this run would hold; ``config_files`` where its
+    ``config.json`` may be, to name the differences), by an older ppl-vae, by another writer
+    than ``fit``, or on other training ``images`` ([count, values per image]).
 
     :raises ConfigMismatchError: listing the differences.
-    :raises CheckpointError: when it lacks the trainer's state.
+    :raises CheckpointError: when it lacks the trainer's state or the configuration's digest.
     """
     where = f"checkpoint {checkpoint.path}"
-    runtime = tuple(f"train.{key}" for key in RUNTIME_SETTINGS)
-    saved = dict(checkpoint.config)
-    try:  # settings added (or removed) since the checkpoint was written take their defaults
-        saved["train"] = TrainConfig.from_dict(saved.get("train", {})).to_dict()
-    except (TypeError, ValueError):
-        pass  # compared as saved: the differences name what is wrong
-    differences = config_differences(saved, config, ignore=runtime)
-    if differences:
-        raise ConfigMismatchError(
-            f"cannot resume from {where} with another configuration: "
-            f"{'; '.join(differences)}. Resume with the run's own settings, or start a "
-            "new run in another folder.",
-            differences=differences,
+    if checkpoint.version < 2:
+        raise CheckpointError(
+            f"{where} has format version {checkpoint.version}, written by an older ppl-vae "
+            "that kept no digest of the run's configuration: it still loads (evaluate, "
+            "report), but a run cannot continue from it; start a new run"
         )
+    if checkpoint.config_digest is None:
+        raise CheckpointError(
+            f"{where} holds no digest of a run's configuration: it was not written by fit, "
+            "so a run cannot continue from it"
+        )
+    check_configuration(checkpoint, configuration, config_files)
     if "history" not in checkpoint.state or checkpoint.rng is None or checkpoint.optimizer is None:
         raise CheckpointError(
             f"{where} does not hold the trainer's state (history, random states, "
