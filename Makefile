@@ -11,7 +11,7 @@ setup: $(STAMP)
 # torch / torchvision are pinned in constraints.txt: the pair that installs and works here.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --constraint constraints.txt --editable ".[dev]"
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable ".[dev,lessons]"
 	touch $(STAMP)
 
 # Fashion-MNIST from the Debian package, where apt-get is usable as root; otherwise say how.

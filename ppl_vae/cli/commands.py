@@ -1,7 +1,7 @@
 """The ``ppl-vae`` command: its parser, built from one module per subcommand (``demo``, the
 main job; ``check``, any model/guide pair; ``train`` / ``evaluate`` / ``sample``, VAE runs on
-real images; ``download``; ``sweep``; ``report``), and :func:`main`, which turns every failure
-into one line on stderr and an exit code.
+real images; ``download``; ``sweep``; ``report``; ``lessons``), and :func:`main`, which turns
+every failure into one line on stderr and an exit code.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 import pyro
 
-from ppl_vae.cli import check, demo, download, evaluate, report, sample, sweep, train
+from ppl_vae.cli import check, demo, download, evaluate, lessons, report, sample, sweep, train
 from ppl_vae.errors import EXIT_INPUT, PplVaeError, TrainingInterrupted
 
 __all__ = ["build_parser", "main"]
 
-_SUBCOMMANDS = (demo, check, train, evaluate, sample, download, sweep, report)
+_SUBCOMMANDS = (demo, check, train, evaluate, sample, download, sweep, report, lessons)
 """The modules of the subcommands, in the order ``ppl-vae --help`` lists them."""
 
 

@@ -18,15 +18,15 @@ from ppl_vae.training.config import (
     History,
     TrainConfig,
 )
-from ppl_vae.training.configuration import (
+from ppl_vae.training.device import resolve_device
+from ppl_vae.training.engine import make_elbo
+from ppl_vae.training.loop import fit
+from ppl_vae.training.run_config import (
     CONFIG_FILE,
     config_differences,
     config_digest,
     run_configuration,
 )
-from ppl_vae.training.device import resolve_device
-from ppl_vae.training.engine import make_elbo
-from ppl_vae.training.loop import fit
 
 __all__ = [
     "CONFIG_FILE",

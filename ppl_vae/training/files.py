@@ -1,5 +1,5 @@
 """The files a run writes in its folder: ``config.json`` (the run's configuration,
-:mod:`~ppl_vae.training.configuration`), ``checkpoints/last.ckpt`` and ``best.ckpt`` (the
+:mod:`~ppl_vae.training.run_config`), ``checkpoints/last.ckpt`` and ``best.ckpt`` (the
 loop's state at a step boundary, :mod:`~ppl_vae.training.state`, with the configuration's
 digest) and the history, each replaced atomically, so after a kill every file under its
 final name is whole.
@@ -17,9 +17,9 @@ from torch import nn
 from ppl_vae.atomic import write_json
 from ppl_vae.checkpoint import Checkpoint, remove_stale_temporaries, save_checkpoint
 from ppl_vae.errors import WriteError
-from ppl_vae.training.configuration import CONFIG_FILE, config_digest
 from ppl_vae.training.engine import Engine
 from ppl_vae.training.history import remove_history_temporaries, write_history
+from ppl_vae.training.run_config import CONFIG_FILE, config_digest
 
 __all__ = ["RunFiles"]
 

@@ -54,13 +54,13 @@ from ppl_vae.elbo import as_schedule
 from ppl_vae.errors import TrainingDivergedError, TrainingInterrupted
 from ppl_vae.training.arguments import check_arguments
 from ppl_vae.training.config import HISTORY_COLUMNS, History, TrainConfig
-from ppl_vae.training.configuration import run_configuration
 from ppl_vae.training.device import resolve_device, torch_threads
 from ppl_vae.training.engine import Engine
 from ppl_vae.training.files import RunFiles
 from ppl_vae.training.guard import BadStep, Diagnosis, LossGuard, nonfinite_parameters
 from ppl_vae.training.order import BatchOrder
 from ppl_vae.training.progress import Progress
+from ppl_vae.training.run_config import run_configuration
 from ppl_vae.training.signals import StopFlag, catch_signals, interrupted
 from ppl_vae.training.state import RunState, check_resumable
 from ppl_vae.training.validation import VALIDATION_COLUMNS, Validator, summarise
@@ -110,7 +110,7 @@ def fit(
     :param run_config: the configuration's sections besides ``"train"`` (plain JSON), e.g.
         ``{"vae": ..., "data": ...}``. With ``out_dir``, ``{"train": config.to_dict(),
         **run_config}`` goes to ``config.json`` (again on resume) and its digest into
-        every checkpoint (:mod:`~ppl_vae.training.configuration`).
+        every checkpoint (:mod:`~ppl_vae.training.run_config`).
     :param resume: a checkpoint written by ``fit`` (path or loaded): continue that run with
         the same model, guide, data and configuration (only
         :data:`~ppl_vae.training.config.RUNTIME_SETTINGS` may differ; else the run's

@@ -5,7 +5,7 @@ epoch's data order, best epoch and value, wall time), the history, and within an
 running sums (summed loss, images seen, beta, train time) with the data-order generator's
 state; parameters, optimizer, scheduler and random states go beside them
 (:mod:`ppl_vae.checkpoint`). A run resumes only with the configuration it was written with
-(:mod:`~ppl_vae.training.configuration`: the checkpoint holds its digest), up to
+(:mod:`~ppl_vae.training.run_config`: the checkpoint holds its digest), up to
 :data:`~ppl_vae.training.config.RUNTIME_SETTINGS`, and on the same training images.
 """
 
@@ -23,7 +23,7 @@ from torch import Tensor
 from ppl_vae.checkpoint import Checkpoint
 from ppl_vae.errors import CheckpointError, ConfigMismatchError
 from ppl_vae.training.config import HISTORY_COLUMNS, History
-from ppl_vae.training.configuration import check_configuration
+from ppl_vae.training.run_config import check_configuration
 
 __all__ = ["RunState", "check_resumable"]
 
