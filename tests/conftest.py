@@ -1,7 +1,11 @@
-"""Every test starts from an empty param store, with Pyro's validation on and a fixed seed."""
+"""Every test starts from an empty param store, with Pyro's validation on and a fixed seed;
+figures are drawn off-screen."""
 
+import matplotlib
 import pyro
 import pytest
+
+matplotlib.use("Agg")
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import matplotlib
 import pyro
 
 from ppl_vae.cli import check, demo, download, evaluate, lessons, report, sample, sweep, train
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     failure: 2 bad input, 3 training diverged, 4 a file could not be written, 5 a resumed
     run's settings differ, 130/143 interrupted by SIGINT/SIGTERM (see ``ppl_vae.errors``)."""
     args = build_parser().parse_args(argv)
+    # The commands write figures to files and never open a window; the library itself leaves
+    # the backend to its user (a notebook's inline figures).
+    matplotlib.use("Agg")
     pyro.enable_validation(True)
     try:
         return args.handler(args)

@@ -10,10 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are files: no display is needed or assumed
-
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure

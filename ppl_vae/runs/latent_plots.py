@@ -14,10 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are files: no display is needed or assumed
-
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.axes import Axes

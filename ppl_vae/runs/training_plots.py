@@ -13,10 +13,6 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are files: no display is needed or assumed
-
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
