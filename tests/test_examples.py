@@ -1,5 +1,7 @@
-"""Every example script runs with tiny flags, every notebook top to bottom."""
+"""Every example script runs with tiny flags; every notebook is a lesson whose widgets are
+driven by its own test module, and the first runs through a Jupyter kernel."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,11 +70,32 @@ def test_example_runs(name, tmp_path):
     assert list(tmp_path.rglob("*.png")), "the example saves its figures as PNG"
 
 
-@pytest.mark.parametrize(
-    "path", sorted((ROOT / "examples" / "notebooks").glob("*.ipynb")), ids=lambda p: p.name
-)
-def test_notebook_runs_top_to_bottom(path, tmp_path):
-    notebook = nbformat.read(path, as_version=4)
+NOTEBOOKS = sorted((ROOT / "examples" / "notebooks").glob("*.ipynb"))
+
+
+def _lesson_tests() -> dict[str, str]:
+    """Notebook name -> the test module that runs it in-process and drives its widgets."""
+    out = {}
+    for path in sorted((ROOT / "tests").glob("test_lesson_*.py")):
+        match = re.search(r'^NOTEBOOK = "([^"]+)"', path.read_text(), re.M)
+        if match:
+            out[match.group(1)] = path.name
+    return out
+
+
+def test_every_notebook_is_a_numbered_lesson_with_its_widget_tests():
+    # Each runs top to bottom in tests/test_lesson_NN.py, which drives every widget.
+    lessons = _lesson_tests()
+    for path in NOTEBOOKS:
+        assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name), f"{path.name}: not NN_name"
+        assert path.name in lessons, f"{path.name} has no tests/test_lesson_NN.py driving it"
+        assert lessons[path.name].startswith(f"test_lesson_{path.name[:2]}"), lessons[path.name]
+
+
+def test_the_first_lesson_runs_in_a_jupyter_kernel(tmp_path):
+    # The lessons' tests run the cells in-process; one goes through a real kernel, widgets and
+    # all, as a learner's notebook does.
+    notebook = nbformat.read(NOTEBOOKS[0], as_version=4)
     NotebookClient(
         notebook,
         timeout=600,
@@ -87,3 +110,11 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
         if o.output_type == "error"
     ]
     assert not errors
+    widgets = [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
+    assert widgets, "the lesson shows its widgets"
