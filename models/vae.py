@@ -29,6 +29,8 @@ __all__ = [
     "LIKELIHOODS",
     "check_data",
     "generate",
+    "likelihood_distribution",
+    "likelihood_mean",
     "model",
     "observation",
     "reconstruct",
@@ -150,6 +152,19 @@ def observation(
     """
     _check_likelihood(likelihood)
     out = decoder(z)  # (..., x_dim): logits or mean
+    return likelihood_distribution(out, likelihood, sigma, getattr(decoder, "log_sigma", None))
+
+
+def likelihood_distribution(
+    out: torch.Tensor,
+    likelihood: str = "bernoulli",
+    sigma: float | None = None,
+    log_sigma: torch.Tensor | None = None,
+) -> dist.TorchDistribution:
+    """p(x | decoder output): Bernoulli or continuous Bernoulli of logits ``out``, or
+    N(out, sigma^2) with a fixed ``sigma`` or else exp(``log_sigma``); event shape
+    ``out.shape[-1:]``."""
+    _check_likelihood(likelihood)
     if likelihood == "bernoulli":
         return BernoulliLogits(logits=out).to_event(1)
     if likelihood == "continuous-bernoulli":
@@ -159,7 +174,6 @@ def observation(
             raise ValueError(f"sigma must be positive, got {sigma!r}")
         scale = out.new_tensor(float(sigma)).expand(out.shape)  # (..., x_dim)
     else:
-        log_sigma = getattr(decoder, "log_sigma", None)
         if log_sigma is None:
             raise ValueError(
                 "the gaussian likelihood needs sigma=<float> or a decoder with a learned "
@@ -226,7 +240,7 @@ def generate(
     kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
     with torch.no_grad():
         z = torch.randn(num_samples, z_dim, **kw)  # (num_samples, z_dim)
-        return _mean(decoder(z), likelihood)  # (num_samples, x_dim)
+        return likelihood_mean(decoder(z), likelihood)  # (num_samples, x_dim)
 
 
 def reconstruct(
@@ -240,10 +254,10 @@ def reconstruct(
     check_data(x, x_dim=getattr(encoder, "x_dim", None))
     with torch.no_grad():
         mu, _ = encoder(x)  # (N, z_dim)
-        return _mean(decoder(mu), likelihood)  # (N, x_dim)
+        return likelihood_mean(decoder(mu), likelihood)  # (N, x_dim)
 
 
-def _mean(out: torch.Tensor, likelihood: str) -> torch.Tensor:
+def likelihood_mean(out: torch.Tensor, likelihood: str) -> torch.Tensor:
     """Mean of p(x | z) from the decoder output (logits or mean)."""
     if likelihood == "bernoulli":
         return torch.sigmoid(out)

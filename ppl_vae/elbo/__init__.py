@@ -15,6 +15,7 @@ from ppl_vae.elbo.beta import (
 )
 from ppl_vae.elbo.check import SweepPoint, check_pair, particle_sweep
 from ppl_vae.elbo.check_report import CheckReport
+from ppl_vae.elbo.enumerated_terms import enumerated_site_terms, site_terms
 from ppl_vae.elbo.evidence import IWAEEstimate, exact_log_evidence, iwae_log_evidence
 from ppl_vae.elbo.fastmath import (
     BernoulliLogits,
@@ -118,6 +119,7 @@ __all__ = [
     "elbo_by_name",
     "elbo_ledger",
     "enumerate_joint",
+    "enumerated_site_terms",
     "ess_from_log_sums",
     "exact_log_evidence",
     "format_comparisons",
@@ -134,6 +136,7 @@ __all__ = [
     "parse_schedule",
     "particle_sweep",
     "sampled_site_terms",
+    "site_terms",
     "softplus",
     "stderr_from_ess",
     "subsample_factor",

@@ -23,18 +23,26 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 
-from pyro.infer import ELBO, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    ELBO,
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceMeanField_ELBO,
+)
 from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 from torch import Tensor
 
 __all__ = ["ELBOS", "PatchedJitTraceMeanField_ELBO", "PatchedJitTrace_ELBO", "elbo_by_name"]
 
-ELBOS = ("meanfield", "trace", "jit-meanfield", "jit-trace")
-"""Names accepted by :func:`elbo_by_name`: TraceMeanField_ELBO (analytic KL), Trace_ELBO, and
-their Jit variants. The Jit ones are the fastest on a CPU (benchmarks/README.md) but rest on
-``torch.jit.trace``, which torch 2.14 deprecates; they need a model of fixed structure and
-refuse beta schedules in ``fit``."""
+ELBOS = ("meanfield", "trace", "enum", "jit-meanfield", "jit-trace")
+"""Names accepted by :func:`elbo_by_name`: TraceMeanField_ELBO (analytic KL), Trace_ELBO,
+TraceEnum_ELBO (sums out the guide's sites marked for enumeration, e.g. M2's label), and
+the Jit variants of the first two. The Jit ones are the fastest on a CPU
+(benchmarks/README.md) but rest on ``torch.jit.trace``, which torch 2.14 deprecates; they
+need a model of fixed structure and refuse beta schedules in ``fit``."""
 
 
 @contextlib.contextmanager
@@ -99,6 +107,8 @@ def elbo_by_name(
         return TraceMeanField_ELBO(**kwargs)
     if name == "trace":
         return Trace_ELBO(**kwargs)
+    if name == "enum":
+        return TraceEnum_ELBO(**kwargs)
     # Tracing warns about Python values baked into the graph (plate sizes, shapes): the caller
     # keeps one ELBO object per batch shape, which makes them constants indeed.
     if name == "jit-meanfield":

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ppl_vae.elbo import inspect_pair, iwae_log_evidence, sampled_site_terms
+from ppl_vae.elbo import enumerated_site_terms, inspect_pair, iwae_log_evidence, sampled_site_terms
 from ppl_vae.models.vae import check_data
 from ppl_vae.rng import forked_rng
 from ppl_vae.runs.evaluation import Evaluation
@@ -233,20 +233,32 @@ def _elbo_terms(
     kwargs: dict[str, Any],
 ) -> tuple[Tensor, Tensor]:
     """Per-image reconstruction E_q[log p(x | z)] (``particles`` draws) and closed-form KL,
-    (N,) float64 CPU tensors each."""
+    (N,) float64 CPU tensors each; the guide's discrete sites (M2's label) summed out."""
     structure = inspect_pair(model, guide, (images[:batch],), kwargs)
     recon_parts, kl_parts = [], []
     for x in images.split(batch):
-        terms = sampled_site_terms(
-            model,
-            guide,
-            x,
-            num_particles=particles,
-            analytic_kl=True,
-            keep_plates=("data",),
-            structure=structure,
-            **kwargs,
-        )
+        if structure.enumerable_latent:  # one draw per discrete value, ``particles`` times
+            draws = [
+                enumerated_site_terms(
+                    model, guide, x, keep_plates=("data",), structure=structure, **kwargs
+                )
+                for _ in range(particles)
+            ]
+            terms = {
+                name: (kind, method, torch.cat([d[name][2] for d in draws]))
+                for name, (kind, method, _) in draws[0].items()
+            }
+        else:
+            terms = sampled_site_terms(
+                model,
+                guide,
+                x,
+                num_particles=particles,
+                analytic_kl=True,
+                keep_plates=("data",),
+                structure=structure,
+                **kwargs,
+            )
         # Each term is (particles, batch): sum the sites, average the particles.
         recon = sum(t for kind, _, t in terms.values() if kind == "reconstruction")
         kl = sum(t for kind, _, t in terms.values() if kind == "kl")

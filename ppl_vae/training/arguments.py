@@ -30,9 +30,11 @@ def check_arguments(
     config: TrainConfig,
     step_kwargs: Mapping[str, Any] | None,
     beta_schedule: Callable[[int], float] | None,
+    train_labels: Tensor | None = None,
 ) -> None:
     """Refuse images that are not (N, D) float tensors of one D, a ``beta`` in ``step_kwargs``,
-    and a ``beta_schedule`` function with a Jit ELBO.
+    a ``beta_schedule`` function with a Jit ELBO, and labels that are not one int64 per
+    training image (-1 or a class index), or that come with a Jit ELBO or free bits.
 
     :raises DataError: for the images; ``ValueError`` for the rest.
     """
@@ -51,3 +53,27 @@ def check_arguments(
             f"elbo={config.elbo!r} compiles once per distinct keyword value, so a beta schedule "
             "would recompile at every step: use elbo='meanfield' or 'trace' with a schedule"
         )
+    if train_labels is not None:
+        _check_labels(train_labels, train_images.shape[0], config, step_kwargs)
+
+
+def _check_labels(
+    labels: Tensor, n: int, config: TrainConfig, step_kwargs: Mapping[str, Any] | None
+) -> None:
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else labels
+        raise DataError(f"train_labels must be a 1-D int64 tensor, got {got}")
+    if labels.shape[0] != n:
+        raise DataError(f"train_labels has {labels.shape[0]} labels for {n} training images")
+    if n and int(labels.min()) < -1:
+        raise DataError("train_labels must be class indices >= 0, or -1 for an unlabelled image")
+    taken = {"y", "labelled_weight"} & set(step_kwargs or {})
+    if taken:
+        raise ValueError(f"with train_labels the loop passes {sorted(taken)}: not in step_kwargs")
+    if config.elbo.startswith("jit"):
+        raise ValueError(
+            f"elbo={config.elbo!r} compiles for one batch structure, but labelled and "
+            "unlabelled rows split each batch anew: use elbo='enum' with train_labels"
+        )
+    if config.free_bits > 0:
+        raise ValueError("free bits act on one latent site; they are not available with labels")

@@ -58,7 +58,7 @@ from ppl_vae.training.device import resolve_device, torch_threads
 from ppl_vae.training.engine import Engine
 from ppl_vae.training.files import RunFiles
 from ppl_vae.training.guard import BadStep, Diagnosis, LossGuard, nonfinite_parameters
-from ppl_vae.training.order import BatchOrder
+from ppl_vae.training.order import Batch, BatchOrder
 from ppl_vae.training.progress import Progress
 from ppl_vae.training.run_config import run_configuration
 from ppl_vae.training.signals import StopFlag, catch_signals, interrupted
@@ -85,6 +85,8 @@ def fit(
     run_config: Mapping[str, Any] | None = None,
     resume: str | os.PathLike[str] | Checkpoint | None = None,
     handle_signals: bool = True,
+    train_labels: Tensor | None = None,
+    labelled_batch: int = 32,
 ) -> History:
     """Train ``(model, guide)`` on ``train_images`` by SVI and return the per-epoch history.
 
@@ -118,6 +120,11 @@ def fit(
     :param handle_signals: with ``out_dir``, catch SIGINT and SIGTERM while training (in the
         main thread): write ``last.ckpt`` at the next step boundary, then raise
         :class:`~ppl_vae.errors.TrainingInterrupted`.
+    :param train_labels: semi-supervised training: ``(N,)`` int64 labels, -1 where unknown.
+        Each step then also passes ``y=`` (the batch's labels) and, when both kinds are
+        present, ``labelled_weight=``: a batch is ``batch_size`` unlabelled images plus
+        ``labelled_batch`` labelled ones, weighted to count once per epoch
+        (:mod:`~ppl_vae.training.order`); use an ELBO that sums the label out (``"enum"``).
     :raises TrainingDivergedError: when the loss or a gradient becomes NaN or infinite,
         naming the step and the site (or parameter); the last good checkpoint stays.
     :raises TrainingInterrupted: after SIGINT/SIGTERM, once ``last.ckpt`` is written.
@@ -126,7 +133,7 @@ def fit(
         :class:`~ppl_vae.errors.CheckpointWriteError` when a checkpoint cannot be written
         (training stops: it never carries on as if it had saved).
     """
-    check_arguments(train_images, validation, config, step_kwargs, beta_schedule)
+    check_arguments(train_images, validation, config, step_kwargs, beta_schedule, train_labels)
     configuration = run_configuration(config, run_config, beta_schedule)
     checkpoint = None
     if resume is not None:
@@ -155,6 +162,7 @@ def fit(
             kwargs=dict(step_kwargs or {}),
             beta_schedule=beta_schedule,
             stop=stop,
+            labels=(train_labels, labelled_batch),
         )
         return loop.run(checkpoint)
 
@@ -177,6 +185,7 @@ class _Loop:
         kwargs: dict[str, Any],
         beta_schedule: Callable[[int], float] | None,
         stop: StopFlag,
+        labels: tuple[Tensor | None, int] = (None, 0),
     ) -> None:
         self.config, self.modules, self.files = config, modules, files
         self.kwargs, self.stop, self.device = kwargs, stop, device
@@ -194,6 +203,8 @@ class _Loop:
             seed=config.seed,
             device=device,
             dynamic_binarize=dynamic_binarize,
+            labels=labels[0],
+            labelled_batch=labels[1],
         )
         self.steps_per_epoch = self.order.steps_per_epoch
         # Validation and the divergence diagnosis get the plain pair: the ELBO.
@@ -281,8 +292,8 @@ class _Loop:
     def _running_value(self) -> float:
         return -float(self.state.total) / self.state.seen
 
-    def _step(self, x: Tensor) -> None:
-        state, engine = self.state, self.engine
+    def _step(self, batch: Batch) -> None:
+        state, engine, x = self.state, self.engine, batch.x
         beta = float(self.beta_at(state.step))
         # Argument checks run on the first step, where a model bug shows; later they would
         # cost a device sync per distribution and step, and NaN arguments then show as a NaN
@@ -290,7 +301,7 @@ class _Loop:
         checks = contextlib.nullcontext() if state.step == 0 else pyro.validation_enabled(False)
         try:
             with checks:
-                loss = engine.backward(x, {**self.kwargs, "beta": beta})
+                loss = engine.backward(x, {**self.kwargs, **batch.kwargs, "beta": beta})
         except (ValueError, RuntimeError) as exc:
             # NaN parameters make the next step's distributions reject their arguments;
             # report that as divergence.
@@ -305,7 +316,7 @@ class _Loop:
             raise self._diverged(checked.bad)
         engine.update(skip=checked.skip)
         state.step += 1
-        state.seen += int(x.shape[0])
+        state.seen += batch.images
         state.total += checked.amount
         state.beta = beta
 

@@ -85,14 +85,14 @@ class RunState:
     # keeps it), images seen, beta of its last step, train time before this process, and
     # the data-order generator's state at ``position`` (resumed runs only).
     total: Tensor | float = 0.0
-    seen: int = 0
+    seen: float = 0.0
     beta: float = math.nan
     epoch_seconds: float = 0.0
     order_state: Tensor | None = field(default=None, repr=False)
 
     def start_epoch(self, zero: Tensor | float) -> None:
         """Clear the running sums for a new epoch."""
-        self.total, self.seen, self.beta, self.epoch_seconds = zero, 0, math.nan, 0.0
+        self.total, self.seen, self.beta, self.epoch_seconds = zero, 0.0, math.nan, 0.0
 
     def body(
         self,
@@ -194,7 +194,7 @@ class RunState:
             else:
                 run.total = float(total.item())
             run.order_state = state["order_rng"]
-            run.seen = int(counters["seen"])
+            run.seen = float(counters["seen"])
             run.beta = float(counters["beta"])
             run.epoch_seconds = float(counters["train_seconds"])
         return run

@@ -1,7 +1,8 @@
 """The end-of-epoch evaluation: the true ELBO (beta = 1) of every validation image with
 fixed draws, and its summary as a history row's ``val_*`` numbers.
 
-Per image i, with one z ~ q(z | x_i) and the closed-form KL where it exists,
+Per image i, with one z ~ q(z | x_i) and the closed-form KL where it exists (and the guide's
+discrete sites summed out exactly, :func:`~ppl_vae.elbo.site_terms`),
 
     ELBO_i = reconstruction_i - KL_i,  reconstruction_i = log p(x_i | z),
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ppl_vae.data import batches
-from ppl_vae.elbo import PairStructure, inspect_pair, sampled_site_terms
+from ppl_vae.elbo import PairStructure, inspect_pair, site_terms
 from ppl_vae.rng import forked_rng, sub_seed
 from ppl_vae.training.config import HISTORY_COLUMNS, TrainConfig
 
@@ -88,11 +89,10 @@ class Validator:
     def _terms(self, kwargs: dict) -> tuple[Tensor, Tensor]:
         recon, kl = [], []
         for x in batches(self.images, self.batch_size, shuffle=False):
-            terms = sampled_site_terms(
+            terms = site_terms(
                 self.model,
                 self.guide,
                 x,
-                num_particles=1,
                 analytic_kl=True,
                 keep_plates=("data",),
                 structure=self.structure,
