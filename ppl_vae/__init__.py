@@ -7,7 +7,7 @@ The public API: everything the README, the examples and the notebooks use. The l
 the rest; model/guide pairs live in ``ppl_vae.models`` and ``ppl_vae.guides``.
 """
 
-from ppl_vae.data import Dataset, load
+from ppl_vae.data import CLASS_NAMES, Dataset, balanced_labelled_subset, load
 from ppl_vae.elbo import (
     IWAE_ELBO,
     CheckReport,
@@ -24,9 +24,11 @@ from ppl_vae.elbo import (
     PosteriorTable,
     SiteTerm,
     STLTrace_ELBO,
+    check_gradients,
     check_pair,
     elbo_ledger,
     enumerate_joint,
+    enumerated_site_terms,
     exact_log_evidence,
     iwae_log_evidence,
     parse_schedule,
@@ -53,6 +55,7 @@ from ppl_vae.runs import (
     Evaluation,
     SweepRow,
     TrainedRun,
+    class_rows_figure,
     evaluate,
     evaluate_run,
     format_table,
@@ -81,26 +84,33 @@ from ppl_vae.runs import (
 )
 from ppl_vae.training import History, TrainConfig, fit
 from ppl_vae.vae import (
+    M2,
     VAE,
     ElboSurgery,
     IwaeCurve,
+    M2Config,
     RateDistortion,
     VAEConfig,
     active_units,
+    build_m2,
     build_vae,
     collapse_warning,
     elbo_surgery,
     interpolate,
     iwae_curve,
     kl_per_dimension,
+    m2_iwae,
     make_networks,
+    make_ss_networks,
     posterior_moments,
     rate_distortion,
     vae_iwae,
 )
 
 __all__ = [
+    "CLASS_NAMES",
     "IWAE_ELBO",
+    "M2",
     "VAE",
     "ArgumentError",
     "CheckReport",
@@ -125,6 +135,7 @@ __all__ = [
     "JointTable",
     "Ledger",
     "LinearWarmup",
+    "M2Config",
     "ModelGuideMismatchError",
     "NotEnumerableError",
     "PairExecutionError",
@@ -142,12 +153,17 @@ __all__ = [
     "VAEConfig",
     "WriteError",
     "active_units",
+    "balanced_labelled_subset",
+    "build_m2",
     "build_vae",
+    "check_gradients",
     "check_pair",
+    "class_rows_figure",
     "collapse_warning",
     "elbo_ledger",
     "elbo_surgery",
     "enumerate_joint",
+    "enumerated_site_terms",
     "evaluate",
     "evaluate_run",
     "exact_log_evidence",
@@ -164,7 +180,9 @@ __all__ = [
     "latent_space_figure",
     "load",
     "load_run",
+    "m2_iwae",
     "make_networks",
+    "make_ss_networks",
     "parse_betas",
     "parse_schedule",
     "particle_sweep",

@@ -338,6 +338,93 @@ def test_digits(digits: data.Dataset) -> None:
     )  # the digits test split does not depend on the seed
 
 
+# Written out here from the datasets' own documentation (Zalando's Fashion-MNIST README lists
+# the labels 0..9 in this order), not read from the library.
+FASHION_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+DIGIT_NAMES = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_class_names_table() -> None:
+    assert set(data.CLASS_NAMES) == set(data.DATASETS)
+    assert data.CLASS_NAMES["fashion-mnist"] == FASHION_NAMES
+    assert data.CLASS_NAMES["mnist"] == data.CLASS_NAMES["digits"] == DIGIT_NAMES
+
+
+def test_digits_class_names(digits: data.Dataset) -> None:
+    assert digits.class_names == DIGIT_NAMES and digits.num_classes == 10
+    labels = torch.cat([digits.train.labels, digits.validation.labels, digits.test.labels])
+    assert set(labels.tolist()) == set(range(digits.num_classes))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("fashion-mnist", FASHION_NAMES), ("mnist", DIGIT_NAMES)]
+)
+def test_idx_dataset_class_names(tmp_path: Path, name: str, expected: tuple) -> None:
+    write_dataset(tmp_path)
+    ds = data.load(name, data_dir=tmp_path, validation_size=6)
+    assert ds.class_names == expected and ds.num_classes == 10
+    assert data.load(name.upper(), data_dir=tmp_path, validation_size=6).class_names == expected
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"Fashion-MNIST is not in {FASHION_DIR}")
+def test_installed_fashion_mnist_class_names() -> None:
+    ds = data.load("fashion-mnist", data_dir=FASHION_DIR)
+    assert ds.class_names == FASHION_NAMES and ds.num_classes == 10
+    # Every class appears in the test set, and every label names one of the ten.
+    assert set(ds.test.labels.tolist()) == set(range(10))
+    assert (len(ds.train), len(ds.validation), len(ds.test)) == (50_000, 10_000, 10_000)
+
+
+def test_from_tensors_class_names() -> None:
+    train, test = tensors()
+    # By default the labels' own values, 0 up to the largest label of either split.
+    assert data.from_tensors("toy", train, test, image_shape=(1, 4, 4)).class_names == DIGIT_NAMES
+    small_train = (train[0], torch.arange(40) % 3)  # labels 0..2 here, up to 4 in the test split
+    small_test = (test[0], torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4]))
+    ds = data.from_tensors("toy", small_train, small_test, image_shape=(1, 4, 4))
+    assert ds.class_names == ("0", "1", "2", "3", "4") and ds.num_classes == 5
+    names = ["cat", "dog", "bird", "fish", "frog"]
+    ds = data.from_tensors("toy", small_train, small_test, image_shape=(1, 4, 4), class_names=names)
+    assert ds.class_names == tuple(names) and ds.num_classes == 5
+    # Names for classes absent from the tensors are allowed (a subset of a larger dataset).
+    more = data.from_tensors(
+        "toy", small_train, small_test, image_shape=(1, 4, 4), class_names=[*names, "newt"]
+    )
+    assert more.num_classes == 6
+
+
+def test_from_tensors_class_names_checks() -> None:
+    train, test = tensors()
+    with pytest.raises(DataError, match=r"9 class_names for labels up to 9: 10 classes"):
+        data.from_tensors("toy", train, test, image_shape=(1, 4, 4), class_names=DIGIT_NAMES[:9])
+    only_test_high = (train[0], torch.zeros(40, dtype=torch.long))
+    with pytest.raises(DataError, match="2 class_names for labels up to 9"):
+        data.from_tensors(
+            "toy", only_test_high, test, image_shape=(1, 4, 4), class_names=["a", "b"]
+        )
+    with pytest.raises(DataError, match="sequence of strings"):
+        data.from_tensors("toy", train, test, image_shape=(1, 4, 4), class_names="0123456789")
+    with pytest.raises(DataError, match="sequence of strings"):
+        data.from_tensors("toy", train, test, image_shape=(1, 4, 4), class_names=list(range(10)))
+    with pytest.raises(DataError, match=r"repeat \['b'\]"):
+        names = ["a", "b", "b", *DIGIT_NAMES[3:]]
+        data.from_tensors("toy", train, test, image_shape=(1, 4, 4), class_names=names)
+    with pytest.raises(DataError, match="split 'test' include -1"):
+        data.from_tensors("toy", train, (test[0], test[1] - 1), image_shape=(1, 4, 4))
+
+
 def test_device_and_dtype(tmp_path: Path) -> None:
     write_dataset(tmp_path)
     ds = load_small(tmp_path, dtype=torch.float64, device=torch.device("cpu"))

@@ -77,6 +77,7 @@ def test_names():
     assert {type(elbo_by_name(n)).__name__ for n in ELBOS} == {
         "TraceMeanField_ELBO",
         "Trace_ELBO",
+        "TraceEnum_ELBO",
         "PatchedJitTraceMeanField_ELBO",
         "PatchedJitTrace_ELBO",
     }

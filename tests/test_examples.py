@@ -50,6 +50,25 @@ EXAMPLES = {
         "--no-report",
         "--no-progress",
     ],
+    "04_semi_supervised.py": [
+        "--dataset",
+        "digits",
+        "--labels",
+        "20",
+        "--z-dim",
+        "2",
+        "--hidden",
+        "16",
+        "--epochs",
+        "1",
+        "--train-subset",
+        "300",
+        "--iwae-k",
+        "5",
+        "--test-images",
+        "30",
+        "--no-progress",
+    ],
 }
 
 

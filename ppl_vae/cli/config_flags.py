@@ -1,5 +1,6 @@
 """Flags generated from the fields of the configuration dataclasses
-(:class:`~ppl_vae.vae.VAEConfig`, :class:`~ppl_vae.training.TrainConfig`).
+(:class:`~ppl_vae.vae.VAEConfig`, :class:`~ppl_vae.training.TrainConfig`,
+:class:`~ppl_vae.vae.M2Config`).
 
 A :class:`ConfigFlag` names a field and its help text, nothing more: its default is the
 field's default, its argparse type the field's annotation, its choices the constant the
@@ -22,7 +23,7 @@ from ppl_vae.cli.options import add_data_dir_argument, hidden_sizes
 from ppl_vae.data import BINARIZE_MODES, DATASETS
 from ppl_vae.models import vae as vae_model
 from ppl_vae.training import TrainConfig
-from ppl_vae.vae import VAEConfig
+from ppl_vae.vae import M2Config, VAEConfig
 
 __all__ = [
     "BATCH_SIZE",
@@ -41,7 +42,7 @@ __all__ = [
     "vae_config_from_args",
 ]
 
-SECTIONS: dict[type, str] = {VAEConfig: "vae", TrainConfig: "train"}
+SECTIONS: dict[type, str] = {VAEConfig: "vae", TrainConfig: "train", M2Config: "m2"}
 """The section of a run's ``config.json`` that holds each configuration's fields."""
 
 # What a field's annotation (``X`` or ``X | None``) gives as argparse type; text stays text.

@@ -43,7 +43,10 @@ def add_parser(subparsers: Any) -> None:
         help="evaluate a run on its test set: ELBO, IWAE bound, diagnostics",
         description="Test ELBO (mean ± standard error per image), reconstruction and KL, the "
         "IWAE lower bound on log p(x) with K importance samples in nats and bits/dim, the gap "
-        "IWAE - ELBO, active units and KL per latent dimension. Writes evaluation.json.",
+        "IWAE - ELBO, active units and KL per latent dimension. Writes evaluation.json. For an "
+        "M2 run (train --model m2): the test accuracy of q(y | x) too, and both bounds sum the "
+        "label out exactly (the IWAE bound then costs C times a VAE's: pass a smaller --iwae-k "
+        "or --limit on a CPU).",
     )
     evaluate.add_argument("run", help="the run folder written by 'ppl-vae train'")
     evaluate.add_argument(

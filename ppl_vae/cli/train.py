@@ -30,9 +30,10 @@ from ppl_vae.cli.config_flags import (
 )
 from ppl_vae.cli.options import add_device_argument, add_no_progress_argument, add_threads_argument
 from ppl_vae.elbo import ELBOS, canonical_beta
-from ppl_vae.runs import TrainedRun, resume_run, train_run
+from ppl_vae.errors import ConfigMismatchError
+from ppl_vae.runs import TrainedRun, resume_run, run_config, train_run
 from ppl_vae.training import LR_SCHEDULES, PRECISIONS, TrainConfig
-from ppl_vae.vae import ARCHITECTURES, VAEConfig
+from ppl_vae.vae import ARCHITECTURES, M2Config, VAEConfig
 
 __all__ = ["TRAIN_EXIT_CODES", "add_parser"]
 
@@ -120,7 +121,41 @@ _OBJECTIVE_FLAGS = (
         option="particles",
     ),
 )
-_RUN_FLAGS = (*MODEL_FLAGS, *_NETWORK_FLAGS, *_SCHEDULE_FLAGS, _BETA, *_OBJECTIVE_FLAGS, SEED)
+MODELS = ("vae", "m2")
+"""Values of ``--model``: the Gaussian VAE, or the semi-supervised M2 (Kingma et al. 2014)."""
+
+_M2_FLAGS = (
+    ConfigFlag(
+        M2Config,
+        "labels",
+        "with --model m2: training images that keep their label, drawn per class (balanced) "
+        "from the seed; the others are unlabelled (default: {default})",
+        metavar="N",
+    ),
+    ConfigFlag(
+        M2Config,
+        "alpha",
+        "with --model m2: weight of the classification term alpha * log q(y | x) per labelled "
+        "image (default: {default})",
+        none="0.1 N / labels, the paper's",
+    ),
+    ConfigFlag(
+        M2Config,
+        "labelled_batch",
+        "with --model m2: labelled images added to each batch of --batch-size unlabelled ones, "
+        "weighted to count once per epoch (default: {default})",
+        metavar="M",
+    ),
+)
+_RUN_FLAGS = (
+    *MODEL_FLAGS,
+    *_NETWORK_FLAGS,
+    *_SCHEDULE_FLAGS,
+    _BETA,
+    *_OBJECTIVE_FLAGS,
+    SEED,
+    *_M2_FLAGS,
+)
 """The flags of the settings that define a run, besides --train-subset: with --resume, the
 ones given must match the run's own."""
 
@@ -141,6 +176,8 @@ def _resume(args: argparse.Namespace) -> TrainedRun:
         )
     if args.overwrite:
         raise ValueError("--overwrite starts a new run: use it with --out, not --resume")
+    if args.model is not None:
+        _check_model(args.resume, args.model)
     return resume_run(
         args.resume,
         expect=given_settings(args, _PLACES),
@@ -150,6 +187,28 @@ def _resume(args: argparse.Namespace) -> TrainedRun:
         checkpoint_every=args.checkpoint_every,
         data_dir=args.data_dir,
     )
+
+
+def _check_model(path: str, model: str) -> None:
+    saved = "m2" if "m2" in run_config(path) else "vae"
+    if saved != model:
+        raise ConfigMismatchError(
+            f"cannot resume {path} as --model {model}: it is a {saved} run. Resume without "
+            "--model, or start a new run in another folder.",
+            differences=[f"model: run {saved}, asked {model}"],
+        )
+
+
+def _m2_config(args: argparse.Namespace) -> M2Config | None:
+    """The M2 settings of a new run; ``None`` for a VAE, which refuses the M2 flags."""
+    given = [
+        f"--{f.dest.replace('_', '-')}" for f in _M2_FLAGS if getattr(args, f.dest) is not None
+    ]
+    if (args.model or "vae") == "vae":
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to --model m2 only")
+        return None
+    return build_config(M2Config, args, _M2_FLAGS)
 
 
 def _start(args: argparse.Namespace) -> TrainedRun:
@@ -165,9 +224,12 @@ def _start(args: argparse.Namespace) -> TrainedRun:
             f"{args.out} already holds a run ({last}): continue it with --resume "
             f"{args.out}, choose another --out, or pass --overwrite to start it again"
         )
+    m2 = _m2_config(args)
     if args.overwrite:  # the old run's checkpoints must not be resumed by mistake
         for old in ("last.ckpt", "best.ckpt"):
             (last.parent / old).unlink(missing_ok=True)
+    # M2 sums its label out exactly unless another ELBO is asked for.
+    elbo = {"elbo": "enum"} if m2 is not None and args.elbo is None else {}
     train_config = build_config(
         TrainConfig,
         args,
@@ -176,6 +238,7 @@ def _start(args: argparse.Namespace) -> TrainedRun:
         progress=not args.no_progress,
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
+        **elbo,
     )
     return train_run(
         args.out,
@@ -183,6 +246,7 @@ def _start(args: argparse.Namespace) -> TrainedRun:
         train_config,
         data_dir=args.data_dir,
         train_subset=args.train_subset,
+        m2=m2,
     )
 
 
@@ -196,16 +260,38 @@ def _run(args: argparse.Namespace) -> int:
         f"validation ELBO (lower bound on log p(x), beta = 1): last {last['val_elbo']:.2f} "
         f"± {last['val_elbo_se']:.2f} nats/image, best {best['val_elbo']:.2f} "
         f"({-best['val_elbo'] / (dim * math.log(2)):.4f} bits/dim) at epoch {best['epoch']}\n"
-        f"  reconstruction {last['val_reconstruction']:.2f} nats, KL {last['val_kl']:.2f} nats\n"
-        f"run folder: {run.path} (history.csv, checkpoints/, samples.png, reconstructions.png)"
+        f"  reconstruction {last['val_reconstruction']:.2f} nats, KL {last['val_kl']:.2f} nats"
     )
+    if run.semi_supervised:  # the classifier q(y | x) on the validation images
+        validation = run.dataset.validation
+        right = (run.vae.predict(validation.images) == validation.labels).double()
+        n = right.numel()
+        acc = float(right.mean())
+        se = math.sqrt(acc * (1 - acc) / n)
+        print(
+            f"validation accuracy of q(y | x): {100 * acc:.2f}% ± {100 * se:.2f} (s.e.) on {n} "
+            f"images; test numbers: ppl-vae evaluate {run.path}"
+        )
+    print(f"run folder: {run.path} (history.csv, checkpoints/, samples.png, reconstructions.png)")
     return 0
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that define the run, in the order --help lists them."""
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default=None,
+        help="vae: the Gaussian VAE; m2: the semi-supervised VAE of Kingma et al. (2014), "
+        "y ~ Cat(1/C), z ~ N(0, I), x ~ p(x | y, z), the label summed out exactly where it is "
+        "not given (default: vae)",
+    )
     add_model_arguments(parser, defaults=False)
-    add_flags(parser, (*_NETWORK_FLAGS, *_SCHEDULE_FLAGS, _BETA, *_OBJECTIVE_FLAGS), defaults=False)
+    add_flags(
+        parser,
+        (*_NETWORK_FLAGS, *_SCHEDULE_FLAGS, _BETA, *_OBJECTIVE_FLAGS, *_M2_FLAGS),
+        defaults=False,
+    )
     parser.add_argument(
         "--train-subset",
         type=int,
@@ -266,7 +352,8 @@ def add_parser(subparsers: Any) -> None:
         "reconstructions.png. A stopped run (killed, Ctrl-C, SIGTERM) continues with\n"
         "--resume FOLDER, to the same final weights as a run never stopped.",
         epilog="example:\n  ppl-vae train --dataset fashion-mnist --z-dim 20 --beta 1 --epochs 10 "
-        "--out runs/fmnist\n  ppl-vae train --resume runs/fmnist    # after a stop\n\n"
+        "--out runs/fmnist\n  ppl-vae train --resume runs/fmnist    # after a stop\n"
+        "  ppl-vae train --model m2 --labels 1000 --dataset fashion-mnist --out runs/m2\n\n"
         f"{TRAIN_EXIT_CODES}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -2,7 +2,8 @@
 
 - :mod:`ppl_vae.data.datasets`: the Split and Dataset containers, :func:`load` (digits,
   MNIST, Fashion-MNIST) and :func:`from_tensors`: validation carved by a seeded permutation,
-  "static" or "dynamic" binarisation x ~ Bernoulli(grey level).
+  "static" or "dynamic" binarisation x ~ Bernoulli(grey level); :data:`CLASS_NAMES`, the
+  class names of each dataset by name (``Dataset.class_names`` holds a dataset's own).
 - :mod:`ppl_vae.data.batching`: :func:`binarize` and :func:`batches` (one epoch of slices of
   a permutation).
 - :mod:`ppl_vae.data.idx`: :func:`read_idx`, the checked IDX reader.
@@ -11,7 +12,14 @@
 """
 
 from ppl_vae.data.batching import batches, binarize
-from ppl_vae.data.datasets import BINARIZE_MODES, Dataset, Split, from_tensors, load
+from ppl_vae.data.datasets import (
+    BINARIZE_MODES,
+    CLASS_NAMES,
+    Dataset,
+    Split,
+    from_tensors,
+    load,
+)
 from ppl_vae.data.files import (
     DATA_ENV_VAR,
     DATASETS,
@@ -21,14 +29,18 @@ from ppl_vae.data.files import (
     download,
 )
 from ppl_vae.data.idx import read_idx
+from ppl_vae.data.labelled import UNLABELLED, balanced_labelled_subset, mask_labels
 
 __all__ = [
     "BINARIZE_MODES",
+    "CLASS_NAMES",
     "DATASETS",
     "DATA_ENV_VAR",
     "DEBIAN_DIRS",
+    "UNLABELLED",
     "Dataset",
     "Split",
+    "balanced_labelled_subset",
     "batches",
     "binarize",
     "cache_dir",
@@ -36,5 +48,6 @@ __all__ = [
     "download",
     "from_tensors",
     "load",
+    "mask_labels",
     "read_idx",
 ]

@@ -22,6 +22,9 @@ Fashion-MNIST and MNIST are read from IDX files (:mod:`ppl_vae.data.idx`) found 
 :class:`~ppl_vae.errors.DatasetNotFoundError` saying how to get it. ``digits`` is
 scikit-learn's 8x8 digits set (1,797 images, grey levels 0..16 scaled to [0, 1]); it ships
 with scikit-learn, so it needs no files and no network.
+
+Labels are class indices 0..K-1, and every Dataset names its classes (``class_names[k]``
+names label k): :data:`CLASS_NAMES` gives them for the datasets :func:`load` knows.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,12 +46,32 @@ from ppl_vae.data.files import _PRETTY_NAMES, _canonical, _fix_for, _locate
 from ppl_vae.data.idx import read_idx
 from ppl_vae.errors import DataError
 
-__all__ = ["BINARIZE_MODES", "Dataset", "Split", "from_tensors", "load"]
+__all__ = ["BINARIZE_MODES", "CLASS_NAMES", "Dataset", "Split", "from_tensors", "load"]
 
 BinarizeMode = Literal["none", "static", "dynamic"]
 
 BINARIZE_MODES: tuple[str, ...] = ("none", "static", "dynamic")
 """Values accepted for ``binarize``."""
+
+_DIGIT_NAMES = tuple(str(k) for k in range(10))
+
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "digits": _DIGIT_NAMES,
+    "fashion-mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    "mnist": _DIGIT_NAMES,
+}
+"""The class names of each dataset :func:`load` knows, by dataset name: entry k names label k."""
 
 _MNIST_SHAPE = (1, 28, 28)
 _MNIST_VALIDATION = 10_000
@@ -92,7 +115,8 @@ class Split:
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """A dataset in memory: three splits, the (C, H, W) image shape, the binarisation mode,
-    and ``source``, where the data was read from."""
+    ``source``, where the data was read from, and ``class_names``, one per class (entry k
+    names label k)."""
 
     name: str
     image_shape: tuple[int, int, int]
@@ -101,11 +125,17 @@ class Dataset:
     validation: Split
     test: Split
     source: str
+    class_names: tuple[str, ...]
 
     @property
     def data_dim(self) -> int:
         """Number of values in one flattened image (C * H * W)."""
         return math.prod(self.image_shape)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes K, labels being 0..K-1 (some may be absent from a small set)."""
+        return len(self.class_names)
 
     def train_batches(
         self,
@@ -177,6 +207,7 @@ def load(
         device=device,
         dtype=dtype,
         source=str(files["train_images"].parent),
+        class_names=CLASS_NAMES[key],
     )
 
 
@@ -237,6 +268,7 @@ def _load_digits(
         device=device,
         dtype=dtype,
         source="sklearn.datasets.load_digits",
+        class_names=CLASS_NAMES["digits"],
     )
 
 
@@ -285,6 +317,36 @@ def _check_labels(labels: Tensor, split: str, n: int) -> Tensor:
     return labels.long()
 
 
+def _class_names(
+    class_names: Sequence[str] | None, train_y: Tensor, test_y: Tensor
+) -> tuple[str, ...]:
+    """The names of classes 0..K-1, checked against the labels: each label indexes a name."""
+    for split, labels in (("train", train_y), ("test", test_y)):
+        if labels.numel() and int(labels.min()) < 0:
+            raise DataError(
+                f"labels of split {split!r} include {int(labels.min())}; labels are class "
+                "indices 0..K-1 (map them to 0, 1, ... first)"
+            )
+    # The training split holds at least one image (_validation_count checks it).
+    top = max(int(y.max()) for y in (train_y, test_y) if y.numel())
+    if class_names is None:
+        return tuple(str(k) for k in range(top + 1))
+    if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
+        raise DataError(
+            f"class_names must be a sequence of strings, one per class; got {class_names!r}"
+        )
+    names = tuple(class_names)
+    if len(names) <= top:
+        raise DataError(
+            f"{len(names)} class_names for labels up to {top}: {top + 1} classes are present "
+            f"(0..{top}); give one name per class"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"class_names repeat {repeated}; give each class its own name")
+    return names
+
+
 def _validation_count(validation_size: int | float, n_train: int) -> int:
     if isinstance(validation_size, bool) or not isinstance(validation_size, numbers.Real):
         raise DataError(f"validation_size must be an int or a fraction, got {validation_size!r}")
@@ -316,9 +378,16 @@ def from_tensors(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     source: str = "tensors",
+    class_names: Sequence[str] | None = None,
 ) -> Dataset:
     """Build a Dataset from (images, labels) pairs, images (N, D) or (N, C, H, W) floats in
-    [0, 1]: checks them, carves the validation split, binarises as :func:`load` does."""
+    [0, 1] and labels class indices 0..K-1: checks them, carves the validation split,
+    binarises as :func:`load` does.
+
+    :param class_names: one distinct name per class, entry k naming label k; at least one
+        more than the largest label (classes absent from the tensors may be named too). By
+        default the labels' own values, ``"0"`` up to the largest label.
+    """
     if binarize not in BINARIZE_MODES:
         raise DataError(f"binarize must be one of {', '.join(BINARIZE_MODES)}; got {binarize!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
@@ -335,6 +404,7 @@ def from_tensors(
     train_y = _check_labels(train[1].detach().cpu(), "train", train_x.shape[0])
     test_y = _check_labels(test[1].detach().cpu(), "test", test_x.shape[0])
     n_val = _validation_count(validation_size, train_x.shape[0])
+    names = _class_names(class_names, train_y, test_y)
 
     order = torch.randperm(train_x.shape[0], generator=_generator(seed, _STREAM_VALIDATION_SPLIT))
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
@@ -361,4 +431,5 @@ def from_tensors(
         validation=split(val_x, train_y[val_idx]),
         test=split(test_x, test_y),
         source=source,
+        class_names=names,
     )

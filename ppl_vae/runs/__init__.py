@@ -14,7 +14,13 @@ from ppl_vae.runs.folder import (
     sample_run,
     train_run,
 )
-from ppl_vae.runs.image_plots import image_grid, interpolations_figure, reconstructions_figure, save
+from ppl_vae.runs.image_plots import (
+    class_rows_figure,
+    image_grid,
+    interpolations_figure,
+    reconstructions_figure,
+    save,
+)
 from ppl_vae.runs.latent_plots import (
     gaussian_kl_figure,
     iwae_figure,
@@ -51,6 +57,7 @@ __all__ = [
     "SweepRow",
     "TrainedRun",
     "binary_toy_demo",
+    "class_rows_figure",
     "evaluate",
     "evaluate_run",
     "format_table",

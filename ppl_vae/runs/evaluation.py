@@ -30,6 +30,9 @@ _DERIVED = (
 )
 
 
+_OPTIONAL = ("active_units", "z_dim", "accuracy", "accuracy_se", "num_classes")
+
+
 def _bits_per_dim(nats: float, dim: int) -> float:
     return -nats / (dim * _LN2)
 
@@ -62,6 +65,9 @@ class Evaluation:
     elbo_particles: int
     seconds: float
     device: str = "cpu"
+    accuracy: float | None = None  # a classifier's (M2's q(y | x)) test accuracy, in [0, 1]
+    accuracy_se: float | None = None  # its binomial s.e., sqrt(a (1 - a) / N)
+    num_classes: int | None = None
     elbo_per_image: Tensor | None = field(default=None, repr=False, compare=False)
     iwae_per_image: Tensor | None = field(default=None, repr=False, compare=False)
 
@@ -133,17 +139,18 @@ class Evaluation:
                 value = None if value is None else torch.tensor(_nan(value), dtype=torch.float64)
             elif f.name == "kl_per_dim":
                 value = None if value is None else tuple(float(v) for v in value)
-            elif value is None and f.name not in ("active_units", "z_dim"):
+            elif value is None and f.name not in _OPTIONAL:
                 value = math.nan
             kwargs[f.name] = value
         return cls(**kwargs)
 
     def __str__(self) -> str:
         d = self.image_dim
+        latent = "z" if self.num_classes is None else "y,z"  # M2: the label is latent too
         rows = [
             ("ELBO", self.elbo, self.elbo_se, self.bits_per_dim_elbo),
-            ("  reconstruction E_q[log p(x|z)]", self.reconstruction, None, None),
-            ("  KL(q(z|x) || p(z))", self.kl, None, None),
+            (f"  reconstruction E_q[log p(x|{latent})]", self.reconstruction, None, None),
+            (f"  KL(q({latent}|x) || p({latent}))", self.kl, None, None),
             ("distortion D = -reconstruction", self.distortion, None, None),
             ("rate R = KL", self.rate, None, None),
             (f"IWAE, K = {self.iwae_k}", self.iwae, self.iwae_se, self.bits_per_dim_iwae),
@@ -170,6 +177,11 @@ class Evaluation:
             )
             kl_text = " ".join(f"{v:.3f}" for v in self.kl_per_dim)
             lines.append(f"  KL per latent dimension (nats/image): {kl_text}")
+        if self.accuracy is not None:
+            lines.append(
+                f"  test accuracy of q(y | x): {100 * self.accuracy:.2f}% ± "
+                f"{100 * (self.accuracy_se or math.nan):.2f} (s.e.), {self.num_classes} classes"
+            )
         warning = self.collapse
         if warning is not None:
             lines.append(f"  WARNING: {warning}")

@@ -34,6 +34,7 @@ from ppl_vae.rng import forked_rng
 from ppl_vae.runs.evaluate import evaluate, vae_log_evidence
 from ppl_vae.runs.evaluation import Evaluation
 from ppl_vae.runs.image_plots import image_grid, reconstructions_figure, save
+from ppl_vae.runs.semi_supervised import build_run_m2, evaluate_m2, m2_figures, training_labels
 from ppl_vae.training import (
     CONFIG_FILE,
     History,
@@ -42,7 +43,7 @@ from ppl_vae.training import (
     fit,
     resolve_device,
 )
-from ppl_vae.vae import VAE, VAEConfig, build_vae, resolve_binarize
+from ppl_vae.vae import M2, VAE, M2Config, VAEConfig, build_vae, resolve_binarize
 
 __all__ = [
     "TrainedRun",
@@ -59,13 +60,19 @@ __all__ = [
 class TrainedRun:
     """A run folder with its networks (weights restored) and its data. ``train_config`` is
     the run's, except that a run trained with a Python ``beta_schedule`` (``config.json``
-    says ``"beta": null``) shows the default beta."""
+    says ``"beta": null``) shows the default beta. ``vae`` is the pair: a :class:`VAE`, or
+    an :class:`~ppl_vae.vae.M2` for a semi-supervised run."""
 
     path: Path
-    vae: VAE
+    vae: VAE | M2
     train_config: TrainConfig
     dataset: Dataset
     history: History | None = None
+
+    @property
+    def semi_supervised(self) -> bool:
+        """Whether this is an M2 run (its configuration has an ``"m2"`` section)."""
+        return isinstance(self.vae, M2)
 
 
 def train_run(
@@ -76,9 +83,15 @@ def train_run(
     data_dir: str | None = None,
     beta_schedule: Callable[[int], float] | None = None,
     train_subset: int | None = None,
+    m2: M2Config | None = None,
 ) -> TrainedRun:
     """Load the data, build fresh networks from the seed, train, and write the run folder
     (``config.json``: ``{"train", "vae", "data"}``, written by :func:`~ppl_vae.training.fit`).
+
+    With ``m2``, the semi-supervised VAE: ``m2.labels`` training images keep their label
+    (balanced over the classes, drawn from the seed), the others are unlabelled; the
+    configuration gains an ``"m2"`` section. Use ``train_config.elbo="enum"`` to sum the
+    label out exactly.
 
     :param beta_schedule: a Python function ``beta(step)``, overriding ``train_config.beta``
         (a warm-up or cyclical schedule goes in ``train_config.beta`` as text). Not
@@ -107,6 +120,8 @@ def train_run(
         "vae": config.to_dict(),
         "data": {"source": data.source, "train_subset": train_subset, "data_dir": data_dir},
     }
+    if m2 is not None:
+        sections["m2"] = m2.to_dict()
     return _train(out, train_config, sections, data, train_images, beta_schedule, resume=False)
 
 
@@ -140,7 +155,12 @@ def _train(
     last = out / "checkpoints" / "last.ckpt"
     pyro.clear_param_store()
     pyro.set_rng_seed(train_config.seed)
-    vae = build_vae(config)
+    vae = _build(sections, data, train_images.shape[0])
+    labelled: dict[str, Any] = {}
+    if isinstance(vae, M2):
+        train_subset = (sections.get("data") or {}).get("train_subset")
+        labels = training_labels(data, vae.m2, train_config.seed, train_subset)
+        labelled = {"train_labels": labels, "labelled_batch": vae.m2.labelled_batch}
     history = fit(
         vae.model,
         vae.guide,
@@ -154,10 +174,18 @@ def _train(
         beta_schedule=beta_schedule,
         run_config=sections,
         resume=last if resume and last.exists() else None,
+        **labelled,
     )
     run = TrainedRun(out, vae, train_config, data, history)
     write_figures(run)
     return run
+
+
+def _build(sections: dict[str, Any], data: Dataset, num_train: int) -> VAE | M2:
+    """Fresh networks of a run's configuration: an M2 when it has an ``"m2"`` section."""
+    if "m2" in sections:
+        return build_run_m2(sections, data, num_train)
+    return build_vae(VAEConfig.from_dict(sections["vae"]))
 
 
 def run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -271,24 +299,29 @@ def load_run(
     config = VAEConfig.from_dict(settings["vae"])
     train_config = _saved_train_config(settings, device=str(device))
     saved = load_checkpoint(path / "checkpoints" / f"{checkpoint}.ckpt")
-    pyro.clear_param_store()
-    vae = build_vae(config)
-    restore(saved, modules=vae.modules, rng=False, device=device)
+    data_settings = settings.get("data") or {}
     data = load(
         config.dataset,
-        data_dir=data_dir or (settings.get("data") or {}).get("data_dir"),
+        data_dir=data_dir or data_settings.get("data_dir"),
         binarize=config.binarize,
         seed=train_config.seed,
         device=resolve_device(device),
     )
-    vae.encoder.to(device).eval()
-    vae.decoder.to(device).eval()
+    pyro.clear_param_store()
+    num_train = data_settings.get("train_subset") or data.train.images.shape[0]
+    vae = _build(settings, data, num_train)
+    restore(saved, modules=vae.modules, rng=False, device=device)
+    for net in vae.modules.values():
+        net.to(device).eval()
     return TrainedRun(path, vae, train_config, data)
 
 
 def write_figures(run: TrainedRun, *, num: int = 100, seed: int = 0) -> list[Path]:
-    """Prior samples and test reconstructions of a run, as PNG grids in its folder."""
+    """Prior samples and test reconstructions of a run, as PNG grids in its folder (an M2
+    run: one row of samples per class, :func:`~ppl_vae.runs.semi_supervised.m2_figures`)."""
     vae, data = run.vae, run.dataset
+    if isinstance(vae, M2):
+        return m2_figures(vae, data, run.path, per_class=max(1, num // data.num_classes), seed=seed)
     vae.encoder.eval()
     vae.decoder.eval()
     with forked_rng(seed=seed):
@@ -314,10 +347,17 @@ def evaluate_run(
     device: str = "cpu",
     progress: bool = True,
 ) -> Evaluation:
-    """Evaluate a run on its test set (beta = 1) and write ``evaluation.json``."""
+    """Evaluate a run on its test set (beta = 1) and write ``evaluation.json`` (an M2 run:
+    with the test accuracy of q(y | x), the label summed out of the bounds)."""
     run = load_run(path, checkpoint=checkpoint, device=device)
     images = run.dataset.test.images[:limit] if limit else run.dataset.test.images
     vae = run.vae
+    if isinstance(vae, M2):
+        labels = run.dataset.test.labels[: images.shape[0]]
+        with torch.no_grad():
+            result = evaluate_m2(vae, images, labels, iwae_samples=iwae_samples, progress=progress)
+        write_json(run.path / "evaluation.json", {"checkpoint": checkpoint, **result.to_dict()})
+        return result
     fast = vae_log_evidence(
         vae.encoder, vae.decoder, likelihood=vae.config.likelihood, sigma=vae.config.sigma
     )

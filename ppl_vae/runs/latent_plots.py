@@ -57,6 +57,22 @@ def _project(
     return mu[:, top], (first, second)
 
 
+def _legend_names(
+    present: Sequence[int | float], class_names: Sequence[str] | None
+) -> dict[int | float, str]:
+    """The legend entry of each label present: the label itself, or its class name."""
+    if class_names is None:
+        return {k: str(k) for k in present}
+    names = [str(n) for n in class_names]
+    stray = [k for k in present if not (float(k).is_integer() and 0 <= k < len(names))]
+    if stray:
+        raise ValueError(
+            f"labels {stray[:5]} have no entry in the {len(names)} class_names: labels must "
+            f"be class indices 0..{len(names) - 1}"
+        )
+    return {k: names[int(k)] for k in present}
+
+
 def latent_space_figure(
     mu: torch.Tensor,
     labels: torch.Tensor | Sequence[int] | None = None,
@@ -66,14 +82,18 @@ def latent_space_figure(
     projection: str = "kl",
     max_points: int = 3000,
     title: str = "Posterior means E_q[z | x] of test images",
+    class_names: Sequence[str] | None = None,
 ) -> Figure:
     """Posterior means (N, z) as points coloured by class, with the prior N(0, I)'s 1 and 2
     sigma circles dashed. For z > 2: the two dimensions with the largest KL
     (``projection="kl"``, from ``kl_per_dim`` or ``log_var``) or the first two principal
-    directions of the means (``"pca"``)."""
+    directions of the means (``"pca"``). The legend names each class present by its label,
+    or by ``class_names[label]`` when given."""
     mu = torch.as_tensor(mu).detach().double().cpu()
     if mu.dim() != 2 or mu.shape[0] == 0:
         raise ValueError(f"mu must be (N, z) with N >= 1, got shape {tuple(mu.shape)}")
+    if class_names is not None and labels is None:
+        raise ValueError("class_names names the classes of labels: pass labels too")
     lv = None if log_var is None else torch.as_tensor(log_var).detach().double().cpu()
     points, (xlabel, ylabel) = _project(mu, lv, kl_per_dim, projection)
     points = points[:max_points]
@@ -98,15 +118,17 @@ def latent_space_figure(
             )
     if labels is not None:
         classes = torch.as_tensor(labels).reshape(-1)[: points.shape[0]].cpu()
+        present = sorted(set(classes.tolist()))
+        names = _legend_names(present, class_names)
         cmap = plt.get_cmap("tab10")
-        for k in sorted(set(classes.tolist())):
+        for k in present:
             keep = classes == k
             ax.scatter(
                 points[keep, 0],
                 points[keep, 1],
                 s=6,
                 color=cmap(int(k) % 10),
-                label=str(k),
+                label=names[k],
                 alpha=0.7,
             )
     else:

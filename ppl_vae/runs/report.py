@@ -34,6 +34,7 @@ from ppl_vae.runs.folder import TrainedRun, load_run
 from ppl_vae.runs.image_plots import image_grid, interpolations_figure, reconstructions_figure, save
 from ppl_vae.runs.latent_plots import gaussian_kl_figure, iwae_figure, latent_space_figure
 from ppl_vae.runs.page import format_value, html_cell, html_figure, html_page, html_table, read_json
+from ppl_vae.runs.semi_supervised import m2_figures
 from ppl_vae.runs.sweep import SWEEP_FILE
 from ppl_vae.runs.sweep_report import write_sweep_report
 from ppl_vae.runs.training_plots import training_curves_figure
@@ -235,11 +236,14 @@ def _latent_figures(
     test = run.dataset.test
     images = test.images[:latent_images]
     labels = test.labels[: images.shape[0]]
-    mu, log_var = posterior_moments(run.vae.encoder, images)
+    # The legend names the classes ("Sandal", "7") as the run's dataset does.
+    names = run.dataset.class_names
+    encoder = run.vae.code_encoder() if run.semi_supervised else run.vae.encoder
+    mu, log_var = posterior_moments(encoder, images)
     kl_dims = kl_per_dimension(mu, log_var)
     code = _Code(kl_dims, active_units(mu)[0], elbo_surgery(mu, log_var, seed=seed), mu.shape[1])
     save(
-        latent_space_figure(mu.cpu(), labels.cpu(), kl_per_dim=kl_dims.tolist()),
+        latent_space_figure(mu.cpu(), labels.cpu(), kl_per_dim=kl_dims.tolist(), class_names=names),
         out_dir / "latent_space.png",
     )
     caption = "Posterior means of test images by class, with the prior's 1 and 2 sigma circles"
@@ -248,7 +252,7 @@ def _latent_figures(
     figures = [("Latent space", "latent_space.png", caption + ".")]
     if code.z_dim > 2:
         save(
-            latent_space_figure(mu.cpu(), labels.cpu(), projection="pca"),
+            latent_space_figure(mu.cpu(), labels.cpu(), projection="pca", class_names=names),
             out_dir / "latent_space_pca.png",
         )
         caption = (
@@ -266,7 +270,14 @@ def _latent_figures(
 
 
 def _image_figures(run: TrainedRun, seed: int, out_dir: Path) -> _Figures:
-    """Samples from the prior, reconstructions, and interpolations between classes."""
+    """Samples from the prior, reconstructions, and interpolations between classes (an M2
+    run: one row of samples per class, and reconstructions at the predicted label)."""
+    if run.semi_supervised:
+        m2_figures(run.vae, run.dataset, out_dir, seed=seed)
+        return [
+            ("Samples and reconstructions", "samples.png", _M2_SAMPLES),
+            ("Samples and reconstructions", "reconstructions.png", _M2_RECONSTRUCTIONS),
+        ]
     vae, data = run.vae, run.dataset
     likelihood, test = vae.config.likelihood, data.test
     with forked_rng(seed=seed):
@@ -305,10 +316,23 @@ def _image_figures(run: TrainedRun, seed: int, out_dir: Path) -> _Figures:
     ]
 
 
+_M2_SAMPLES = (
+    "E[x | y, z]: one code z ~ N(0, I) per column, decoded as each class (rows): the style "
+    "kept, the class changed."
+)
+_M2_RECONSTRUCTIONS = (
+    "Test images (odd rows) and E[x | y, z = mu(x, y)] at the predicted y = argmax q(y | x) "
+    "(even rows)."
+)
+
+
 def _iwae_figures(
     run: TrainedRun, iwae_images: int, iwae_k: int, seed: int, out_dir: Path
-) -> tuple[IwaeCurve, _Figures]:
-    """IWAE_K against K up to ``iwae_k`` on the first ``iwae_images`` test images."""
+) -> tuple[IwaeCurve | None, _Figures]:
+    """IWAE_K against K up to ``iwae_k`` on the first ``iwae_images`` test images (not for
+    M2, whose bound with the label summed out is in ``evaluation.json``)."""
+    if run.semi_supervised:
+        return None, []
     vae = run.vae
     ks = sorted({k for k in DEFAULT_KS if k <= iwae_k} | {iwae_k})
     curve = iwae_curve(
@@ -360,7 +384,17 @@ def _evaluation_numbers(evaluation: dict[str, Any] | None, path: Path) -> list[l
     if not evaluation:
         return [["test ELBO and IWAE", "–", f"not evaluated yet: ppl-vae evaluate {path}"]]
     get, fmt = evaluation.get, format_value
+    rows = []
+    if get("accuracy") is not None:
+        rows.append(
+            [
+                "test accuracy of q(y | x)",
+                f"{fmt(100 * get('accuracy'), 2)}% ± {fmt(100 * get('accuracy_se'), 2)}",
+                f"{get('num_classes')} classes; the ELBO and IWAE sum the label out",
+            ]
+        )
     return [
+        *rows,
         [
             "test ELBO (beta = 1)",
             f"{fmt(get('elbo'))} ± {fmt(get('elbo_se'))}",
@@ -377,10 +411,10 @@ def _evaluation_numbers(evaluation: dict[str, Any] | None, path: Path) -> list[l
     ]
 
 
-def _code_numbers(code: _Code, curve: IwaeCurve) -> list[list[str]]:
+def _code_numbers(code: _Code, curve: IwaeCurve | None) -> list[list[str]]:
     """Rows of the key numbers computed from the codes and the IWAE curve."""
     surgery, fmt = code.surgery, format_value
-    return [
+    rows = [
         [
             "rate E_x KL(q(z|x) || p(z))",
             fmt(surgery.avg_kl),
@@ -394,9 +428,13 @@ def _code_numbers(code: _Code, curve: IwaeCurve) -> list[list[str]]:
         ["  + KL(q(z) || p(z))", fmt(surgery.marginal_kl), "aggregate posterior vs prior"],
         ["active units", f"{code.n_active} of {code.z_dim}", "Cov_x(E_q[z_u]) > 0.01"],
         ["KL per latent dimension", " ".join(f"{v:.3f}" for v in code.kl_dims.tolist()), ""],
-        [
-            f"IWAE_{curve.num_samples} - ELBO",
-            fmt(curve.iwae[-1] - curve.elbo),
-            f"{curve.n_images} test images (figure below)",
-        ],
     ]
+    if curve is not None:
+        rows.append(
+            [
+                f"IWAE_{curve.num_samples} - ELBO",
+                fmt(curve.iwae[-1] - curve.elbo),
+                f"{curve.n_images} test images (figure below)",
+            ]
+        )
+    return rows

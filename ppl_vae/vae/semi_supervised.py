@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ppl_vae.errors import DataError
 from ppl_vae.guides import ss_vae as ss_guide
@@ -89,6 +90,11 @@ class M2:
     def num_classes(self) -> int:
         return self.classifier.num_classes
 
+    def code_encoder(self) -> nn.Module:
+        """x -> (mu, log_var) of q(z | x, y) at y = argmax q(y | x): the encoder the latent
+        diagnostics (KL per dimension, active units, latent plots) read."""
+        return _AtPredictedLabel(self.classifier, self.encoder)
+
     def predict(self, images: Tensor, batch_size: int = 1000) -> Tensor:
         """argmax_y q(y | x) for each image, ``(N,)`` int64, in eval mode."""
         was = self.classifier.training
@@ -101,6 +107,16 @@ class M2:
         finally:
             self.classifier.train(was)
         return torch.cat(parts) if parts else images.new_zeros(0, dtype=torch.int64)
+
+
+class _AtPredictedLabel(nn.Module):
+    def __init__(self, classifier: Classifier, encoder: LabelledEncoder) -> None:
+        super().__init__()
+        self.classifier, self.encoder = classifier, encoder
+        self.x_dim, self.z_dim = encoder.x_dim, encoder.z_dim
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder(x, self.classifier(x).argmax(-1))
 
 
 def build_m2(config: VAEConfig, m2: M2Config, num_classes: int, num_train: int) -> M2:
@@ -143,13 +159,21 @@ def m2_log_weights(m2: M2, x: Tensor, num_samples: int) -> Tensor:
     return log_lik + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)  # (K, C, N)
 
 
-def m2_iwae(m2: M2, images: Tensor, *, num_samples: int = 1000, chunk_size: int = 100) -> Tensor:
+def m2_iwae(
+    m2: M2,
+    images: Tensor,
+    *,
+    num_samples: int = 1000,
+    chunk_size: int = 100,
+    progress: bool = False,
+) -> Tensor:
     """Per-image IWAE bound with the label summed out exactly, shape ``(N,)``:
 
         log p(x) >= E[log sum_y p(y) (1/K) sum_k p(x, z_k | y) / q(z_k | x, y)],
 
     z_k ~ q(z | x, y) drawn for each y (Jensen's inequality on the inner mean, for every y
-    at once); it rises to log p(x) as K grows. Samples go ``chunk_size`` at a time."""
+    at once); it rises to log p(x) as K grows. Samples go ``chunk_size`` at a time; it costs
+    C times the Gaussian VAE's bound (``progress``: a bar over the images)."""
     if num_samples < 1 or chunk_size < 1:
         raise ValueError(
             f"num_samples and chunk_size must be >= 1, got {num_samples}, {chunk_size}"
@@ -161,7 +185,11 @@ def m2_iwae(m2: M2, images: Tensor, *, num_samples: int = 1000, chunk_size: int 
         1, 4 * 2**20 // (min(chunk_size, num_samples) * m2.num_classes * images.shape[1])
     )
     with torch.no_grad():
-        for x in images.split(per_pass):
+        blocks = images.split(per_pass)
+        bar = tqdm(
+            blocks, desc=f"IWAE K={num_samples}, {m2.num_classes} classes", disable=not progress
+        )
+        for x in bar:
             sums, done = None, 0
             while done < num_samples:
                 k = min(chunk_size, num_samples - done)
