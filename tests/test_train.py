@@ -392,6 +392,8 @@ def test_history_and_checkpoints_written(digits, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
+# The VAE has nothing to enumerate: TraceEnum_ELBO says so, and trains like Trace_ELBO.
+@pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites:UserWarning")
 @pytest.mark.parametrize("num_particles", [1, 4])
 @pytest.mark.parametrize("elbo", ELBOS)
 def test_each_elbo_runs(digits, elbo, num_particles):

@@ -137,7 +137,7 @@ _M2_FLAGS = (
         "alpha",
         "with --model m2: weight of the classification term alpha * log q(y | x) per labelled "
         "image (default: {default})",
-        none="0.1 N / labels, the paper's",
+        none="N / labels; the paper's is 0.1 N / labels",
     ),
     ConfigFlag(
         M2Config,
