@@ -172,10 +172,19 @@ def _loss(
         model = config_enumerate(model, "parallel")
         if enumerate_guide:
             guide = config_enumerate(guide, "parallel")
+    else:
+        # A sampling estimator samples the sites a guide marks for enumeration (M2's label):
+        # on purpose here, so without Pyro's note that only TraceEnum_ELBO enumerates.
+        guide = poutine.infer_config(guide, config_fn=_sampled)
     args, kwargs = bound.args, bound.kwargs
     if hasattr(elbo, "differentiable_loss"):
         return lambda: elbo.differentiable_loss(model, guide, *args, **kwargs)
     return lambda: float(elbo.loss_and_grads(model, guide, *args, **kwargs))
+
+
+def _sampled(site: dict) -> dict:
+    """Sample a site marked for enumeration (an ``infer_config`` function)."""
+    return {"enumerate": None} if site["infer"].get("enumerate") else {}
 
 
 @dataclass(frozen=True)
