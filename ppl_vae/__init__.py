@@ -7,7 +7,7 @@ The public API: everything the README, the examples and the notebooks use. The l
 the rest; model/guide pairs live in ``ppl_vae.models`` and ``ppl_vae.guides``.
 """
 
-from ppl_vae.data import CLASS_NAMES, Dataset, balanced_labelled_subset, load
+from ppl_vae.data import Dataset, balanced_labelled_subset, load
 from ppl_vae.elbo import (
     IWAE_ELBO,
     CheckReport,
@@ -108,7 +108,6 @@ from ppl_vae.vae import (
 )
 
 __all__ = [
-    "CLASS_NAMES",
     "IWAE_ELBO",
     "M2",
     "VAE",

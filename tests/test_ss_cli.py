@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from ppl_vae import CLASS_NAMES, load_run
+from ppl_vae import load_run
 from ppl_vae.cli.commands import main
+from ppl_vae.data import CLASS_NAMES
 
 TRAIN = [
     "train",
