@@ -274,3 +274,16 @@ def test_check_pair_on_a_small_m2(nets):
     assert report.log_evidence < float(_log_evidence(nets[2], x).sum()) + TOL * (
         report.log_evidence_stderr
     )
+
+
+def test_per_image_terms_of_a_labelled_batch(nets):
+    """Every row labelled: nothing to sum out, and the terms are the labelled branch's (KL of
+    z exact in closed form at the observed class)."""
+    model, guide = _pair(nets)
+    x = _data()
+    y = torch.tensor([0, 2, 1, 1, 0])
+    _, kl_z, _, _ = _closed_form(nets, x)
+    structure_free = enumerated_site_terms(model, guide, x, y=y, keep_plates=("labelled",))
+    kind, method, kl = structure_free["z_labelled"]
+    assert (kind, method) == ("kl", "analytic")
+    torch.testing.assert_close(kl[0].double(), kl_z[torch.arange(N), y], rtol=1e-5, atol=1e-5)

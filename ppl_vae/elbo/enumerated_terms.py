@@ -96,9 +96,11 @@ def enumerated_site_terms(
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     guide_trace.compute_log_prob()
     model_trace.compute_log_prob()
-    # log q(d | x) of the enumerated values: a tensor broadcasting over the enum dims.
-    log_weight = sum(guide_trace.nodes[name]["unscaled_log_prob"] for name in enumerated)
-    weight = log_weight.exp()
+    # q(d | x) of the enumerated values: a tensor broadcasting over the enum dims (1 when this
+    # call's batch holds no discrete site, e.g. M2 with every row labelled).
+    weight: torch.Tensor | float = 1.0
+    for name in enumerated & set(guide_trace.nodes):
+        weight = weight * guide_trace.nodes[name]["unscaled_log_prob"].exp()
 
     plate_dims = {
         name: dim for site in structure.latent + structure.observed for name, dim, _ in site.plates

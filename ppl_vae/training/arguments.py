@@ -76,4 +76,7 @@ def _check_labels(
             "unlabelled rows split each batch anew: use elbo='enum' with train_labels"
         )
     if config.free_bits > 0:
-        raise ValueError("free bits act on one latent site; they are not available with labels")
+        raise ValueError(
+            "free bits act on the one latent site of a VAE; they are not available with labels "
+            "(--model m2)"
+        )
