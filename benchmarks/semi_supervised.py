@@ -58,6 +58,7 @@ def run_ppl_vae(data, n_labels: int, args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         lr=args.lr,
         elbo="enum",
+        beta=args.beta,
         seed=args.seed,
         progress=False,
         threads=args.threads,
@@ -81,6 +82,7 @@ def run_ppl_vae(data, n_labels: int, args: argparse.Namespace) -> dict:
             "alpha": run.vae.alpha,
             "lr": args.lr,
             "batch_size": args.batch_size,
+            "beta": args.beta,
         },
     }
 
@@ -238,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--labelled-batch", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=None, help="default: ppl-vae's")
+    parser.add_argument("--beta", type=float, default=1.0, help="ppl-vae's KL weight of z")
     parser.add_argument("--classifier-steps", type=int, default=3000)
     parser.add_argument("--classifier-batch", type=int, default=64)
     parser.add_argument("--results", default=str(RESULTS))

@@ -33,7 +33,7 @@ from ppl_vae.elbo import ELBOS, canonical_beta
 from ppl_vae.errors import ConfigMismatchError
 from ppl_vae.runs import TrainedRun, resume_run, run_config, train_run
 from ppl_vae.training import LR_SCHEDULES, PRECISIONS, TrainConfig
-from ppl_vae.vae import ARCHITECTURES, M2Config, VAEConfig
+from ppl_vae.vae import ACTIVATIONS, ARCHITECTURES, M2Config, VAEConfig
 
 __all__ = ["TRAIN_EXIT_CODES", "add_parser"]
 
@@ -57,6 +57,12 @@ _NETWORK_FLAGS = (
     ),
     ConfigFlag(
         VAEConfig, "arch", "network architecture (default: {default})", choices=ARCHITECTURES
+    ),
+    ConfigFlag(
+        VAEConfig,
+        "activation",
+        "hidden layers' activation (default: {default})",
+        choices=tuple(ACTIVATIONS),
     ),
 )
 
