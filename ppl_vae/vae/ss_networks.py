@@ -10,24 +10,14 @@ class. Labels are int64 class indices of any shape that broadcasts with the batc
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ppl_vae.vae.networks import ACTIVATIONS
+from ppl_vae.vae.networks import ACTIVATIONS, _mlp
 
 __all__ = ["Classifier", "LabelledDecoder", "LabelledEncoder", "make_ss_networks"]
-
-
-def _layers(sizes: Sequence[int], activation: str) -> nn.Sequential:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-    layers: list[nn.Module] = []
-    for d_in, d_out in itertools.pairwise(sizes):
-        layers += [nn.Linear(d_in, d_out), ACTIVATIONS[activation]()]
-    return nn.Sequential(*layers)
 
 
 def _check(x_dim: int, z_dim: int, num_classes: int, hidden: Sequence[int]) -> tuple[int, ...]:
@@ -49,8 +39,8 @@ class _LabelledInput(nn.Module):
         self.num_classes = num_classes
         self.input = nn.Linear(v_dim, hidden[0])
         self.label = nn.Parameter(torch.randn(num_classes, hidden[0]) * v_dim**-0.5)
+        self.rest = _mlp(hidden, activation)  # checks the activation's name
         self.act = ACTIVATIONS[activation]()
-        self.rest = _layers(hidden, activation)
 
     def forward(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if y.dtype != torch.int64:
@@ -72,7 +62,7 @@ class Classifier(nn.Module):
         super().__init__()
         hidden = _check(x_dim, 1, num_classes, hidden)
         self.x_dim, self.num_classes = x_dim, num_classes
-        self.body = _layers([x_dim, *hidden], activation)
+        self.body = _mlp([x_dim, *hidden], activation)
         self.head = nn.Linear(hidden[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
