@@ -270,10 +270,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     if run.semi_supervised:  # the classifier q(y | x) on the validation images
         validation = run.dataset.validation
-        right = (run.vae.predict(validation.images) == validation.labels).double()
-        n = right.numel()
-        acc = float(right.mean())
-        se = math.sqrt(acc * (1 - acc) / n)
+        acc, se = run.vae.accuracy(validation.images, validation.labels)
+        n = validation.labels.numel()
         print(
             f"validation accuracy of q(y | x): {100 * acc:.2f}% ± {100 * se:.2f} (s.e.) on {n} "
             f"images; test numbers: ppl-vae evaluate {run.path}"

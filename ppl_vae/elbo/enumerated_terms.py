@@ -21,7 +21,7 @@ import torch
 from pyro import poutine
 from pyro.infer import config_enumerate
 
-from ppl_vae.elbo.ledger import TermKind, _analytic_kl, sampled_site_terms
+from ppl_vae.elbo.ledger import TermKind, _analytic_kl, kept_dims, sampled_site_terms
 from ppl_vae.elbo.pair import PairStructure, inspect_pair, sum_except
 from ppl_vae.errors import NotEnumerableError
 
@@ -102,14 +102,8 @@ def enumerated_site_terms(
     for name in enumerated & set(guide_trace.nodes):
         weight = weight * guide_trace.nodes[name]["unscaled_log_prob"].exp()
 
-    plate_dims = {
-        name: dim for site in structure.latent + structure.observed for name, dim, _ in site.plates
-    }
-    missing = [p for p in keep_plates if p not in plate_dims]
-    if missing:
-        raise ValueError(f"no plate named {missing} in this pair; plates: {sorted(plate_dims)}")
     rank = nesting + 1
-    keep = (-rank, *(plate_dims[p] for p in keep_plates))
+    keep = kept_dims(structure, keep_plates)
 
     def expect(term: torch.Tensor) -> torch.Tensor:
         """sum_d q(d | x) term(d), then summed over the plates not kept."""

@@ -311,13 +311,7 @@ def sampled_site_terms(
     nesting = structure.max_plate_nesting
     model_trace, guide_trace = vectorized_traces(model, guide, args, kwargs, num_particles, nesting)
     rank = nesting + 1
-    plate_dims = {
-        name: dim for site in structure.latent + structure.observed for name, dim, _ in site.plates
-    }
-    missing = [p for p in keep_plates if p not in plate_dims]
-    if missing:
-        raise ValueError(f"no plate named {missing} in this pair; plates: {sorted(plate_dims)}")
-    keep = (-rank, *(plate_dims[p] for p in keep_plates))
+    keep = kept_dims(structure, keep_plates)
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         kept = sum_except(tensor, keep, rank)
@@ -337,6 +331,20 @@ def sampled_site_terms(
         else:
             out[name] = ("kl", "analytic", reduce(kl))
     return out
+
+
+def kept_dims(structure: PairStructure, keep_plates: tuple[str, ...]) -> tuple[int, ...]:
+    """The dims a per-site term keeps: the particle dim, then those of ``keep_plates``.
+
+    :raises ValueError: naming a plate the pair does not have.
+    """
+    plate_dims = {
+        name: dim for site in structure.latent + structure.observed for name, dim, _ in site.plates
+    }
+    missing = [p for p in keep_plates if p not in plate_dims]
+    if missing:
+        raise ValueError(f"no plate named {missing} in this pair; plates: {sorted(plate_dims)}")
+    return (-(structure.max_plate_nesting + 1), *(plate_dims[p] for p in keep_plates))
 
 
 def _analytic_kl(guide_site: dict, model_site: dict) -> torch.Tensor | None:

@@ -13,7 +13,6 @@ Test numbers at beta = 1, per image, in nats with standard errors over images:
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +84,7 @@ def evaluate_m2(
         progress=progress,
         log_evidence=log_evidence,
     )
-    correct = (m2.predict(images).cpu() == labels.cpu()).double()
-    n = int(correct.numel())
-    accuracy = float(correct.mean())
-    se = math.sqrt(accuracy * (1 - accuracy) / n) if n > 1 else math.nan
+    accuracy, se = m2.accuracy(images, labels)
     return dataclasses.replace(
         result, accuracy=accuracy, accuracy_se=se, num_classes=m2.num_classes
     )

@@ -111,6 +111,14 @@ class M2:
         diagnostics (KL per dimension, active units, latent plots) read."""
         return _AtPredictedLabel(self.classifier, self.encoder)
 
+    def accuracy(self, images: Tensor, labels: Tensor) -> tuple[float, float]:
+        """Accuracy of argmax_y q(y | x) against ``labels`` and its binomial standard error
+        sqrt(a (1 - a) / N) (NaN for one image)."""
+        right = (self.predict(images).cpu() == labels.cpu()).double()
+        n = right.numel()
+        a = float(right.mean())
+        return a, math.sqrt(a * (1 - a) / n) if n > 1 else math.nan
+
     def predict(self, images: Tensor, batch_size: int = 1000) -> Tensor:
         """argmax_y q(y | x) for each image, ``(N,)`` int64, in eval mode."""
         was = self.classifier.training
