@@ -126,6 +126,22 @@ _OBJECTIVE_FLAGS = (
         "samples of z per image and step, vectorised (default: {default})",
         option="particles",
     ),
+    ConfigFlag(
+        TrainConfig,
+        "objective",
+        "what training maximises: elbo (the ELBO, by --elbo), iwae:K (the K-sample "
+        "importance-weighted bound, Burda et al. 2015) or dreg:K (the same bound with the "
+        "doubly reparameterised encoder gradient, Tucker et al. 2018); iwae/dreg need beta = 1, "
+        "one particle, no free bits; validation still reports the ELBO (default: {default})",
+        metavar="elbo|iwae:K|dreg:K",
+    ),
+    ConfigFlag(
+        TrainConfig,
+        "patience",
+        "stop early once N epochs have passed without a better validation ELBO; "
+        "checkpoints/best.ckpt holds the best epoch (default: {default}: every epoch)",
+        metavar="N",
+    ),
 )
 MODELS = ("vae", "m2")
 """Values of ``--model``: the Gaussian VAE, or the semi-supervised M2 (Kingma et al. 2014)."""
@@ -234,6 +250,11 @@ def _start(args: argparse.Namespace) -> TrainedRun:
     if args.overwrite:  # the old run's checkpoints must not be resumed by mistake
         for old in ("last.ckpt", "best.ckpt"):
             (last.parent / old).unlink(missing_ok=True)
+    if m2 is not None and args.objective not in (None, "elbo"):
+        raise ValueError(
+            f"--objective {args.objective} trains a VAE; M2 sums its label out with the "
+            "enumerated ELBO (--elbo enum): drop --objective"
+        )
     # M2 sums its label out exactly unless another ELBO is asked for.
     elbo = {"elbo": "enum"} if m2 is not None and args.elbo is None else {}
     train_config = build_config(
@@ -275,6 +296,12 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"validation accuracy of q(y | x): {100 * acc:.2f}% ± {100 * se:.2f} (s.e.) on {n} "
             f"images; test numbers: ppl-vae evaluate {run.path}"
+        )
+    if run.history.stopped_early is not None:
+        print(
+            f"stopped early after epoch {run.history.stopped_early}: no better validation "
+            f"ELBO in the {run.train_config.patience} epochs since epoch "
+            f"{run.history.best_epoch} (checkpoints/best.ckpt)"
         )
     print(f"run folder: {run.path} (history.csv, checkpoints/, samples.png, reconstructions.png)")
     return 0

@@ -32,7 +32,13 @@ from ppl_vae.elbo.gradcheck import (
     format_comparisons,
     parse_estimators,
 )
-from ppl_vae.elbo.importance_weighted import IWAE_ELBO, DReGIWAE_ELBO
+from ppl_vae.elbo.importance_weighted import (
+    IWAE_ELBO,
+    OBJECTIVES,
+    DReGIWAE_ELBO,
+    objective_elbo,
+    parse_objective,
+)
 from ppl_vae.elbo.ledger import (
     MARGINAL_TERM,
     REPEATS,
@@ -83,6 +89,7 @@ __all__ = [
     "KHAT_UNRELIABLE",
     "MARGINAL_TERM",
     "MIN_TAIL",
+    "OBJECTIVES",
     "PARTICLE_PLATE",
     "REPEATS",
     "BernoulliLogits",
@@ -129,10 +136,12 @@ __all__ = [
     "kl_scale",
     "linear_bernoulli_log_prob",
     "log_mean_exp_stderr",
+    "objective_elbo",
     "pareto_khat",
     "pareto_khat_from_largest",
     "pareto_tail_size",
     "parse_estimators",
+    "parse_objective",
     "parse_schedule",
     "particle_sweep",
     "sampled_site_terms",

@@ -37,7 +37,12 @@ from ppl_vae.elbo.objectives import (
 from ppl_vae.elbo.pair import PARTICLE_PLATE, frames_subsample_factor, sum_except
 from ppl_vae.errors import EstimatorError, ModelGuideMismatchError
 
-__all__ = ["IWAE_ELBO", "DReGIWAE_ELBO"]
+__all__ = ["IWAE_ELBO", "OBJECTIVES", "DReGIWAE_ELBO", "objective_elbo", "parse_objective"]
+
+OBJECTIVES = ("elbo", "iwae:K", "dreg:K")
+"""Training objectives by name: the ELBO (the ELBO class a run names), or the K-sample
+importance-weighted bound with its plain (``iwae``) or doubly reparameterised (``dreg``)
+gradient."""
 
 
 def _is_close(scale: Any, value: float) -> bool:
@@ -295,3 +300,28 @@ class DReGIWAE_ELBO(_ImportanceWeighted):
         log_w_path = log_p - (log_q - log_q_fixed_z + log_q_fixed_z.detach())
         per_item = weights * log_p_fixed_z + weights.square() * (log_w_path - log_p_fixed_z)
         return bound, layout.factor * per_item.sum()
+
+
+def parse_objective(text: str) -> tuple[str, int]:
+    """``"elbo"`` -> ("elbo", 1); ``"iwae:K"`` / ``"dreg:K"`` -> (kind, K), K >= 1.
+
+    :raises ValueError: naming the forms :data:`OBJECTIVES` allows.
+    """
+    if text == "elbo":
+        return "elbo", 1
+    head, _, count = str(text).partition(":")
+    if head in ("iwae", "dreg") and count.isdigit() and int(count) >= 1:
+        return head, int(count)
+    raise ValueError(
+        f"unknown objective {text!r}; choose elbo, iwae:K or dreg:K with K >= 1 importance "
+        "samples (e.g. iwae:5)"
+    )
+
+
+def objective_elbo(text: str, *, max_plate_nesting: float = float("inf")) -> ELBO:
+    """A fresh :class:`IWAE_ELBO` or :class:`DReGIWAE_ELBO` for ``"iwae:K"`` / ``"dreg:K"``."""
+    kind, k = parse_objective(text)
+    if kind == "elbo":
+        raise ValueError("objective 'elbo' is trained with the ELBO class the run names")
+    cls = IWAE_ELBO if kind == "iwae" else DReGIWAE_ELBO
+    return cls(num_particles=k, max_plate_nesting=max_plate_nesting)

@@ -46,6 +46,10 @@ def check_arguments(
                 f"validation images have {validation.shape[1]} values each, training images "
                 f"{train_images.shape[1]}: they must come from the same dataset"
             )
+    if config.patience is not None and validation is None:
+        raise ValueError(
+            f"patience={config.patience} stops on the validation ELBO: pass validation images"
+        )
     if "beta" in (step_kwargs or {}):
         raise ValueError("pass beta through TrainConfig.beta or beta_schedule, not step_kwargs")
     if config.elbo.startswith("jit") and beta_schedule is not None:

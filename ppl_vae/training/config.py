@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ppl_vae.elbo import ELBOS, canonical_beta
+from ppl_vae.elbo import ELBOS, canonical_beta, parse_objective
 
 __all__ = [
     "HISTORY_COLUMNS",
@@ -103,6 +103,13 @@ class TrainConfig:
     :param free_bits: lambda in nats per image, > 0 to train on reconstruction - sum over
         latent sites of max(lambda, KL) (:class:`ppl_vae.elbo.beta.FreeBits`) instead of the
         beta-ELBO's KL term; validation still reports the ELBO. 0: off. Not with Jit ELBOs.
+    :param objective: ``"elbo"`` (the ELBO class ``elbo`` names), or ``"iwae:K"`` /
+        ``"dreg:K"``: the K-sample importance-weighted bound log (1/K) sum_k p(x, z_k) /
+        q(z_k | x) (Burda et al. 2015) with its reparameterised or doubly reparameterised
+        (Tucker et al. 2018) gradient (:mod:`ppl_vae.elbo.importance_weighted`); beta = 1,
+        one particle, no free bits, ``elbo`` left at its default. Validation reports the ELBO.
+    :param patience: stop early once this many epochs have passed without a better
+        validation ELBO (``best.ckpt`` holds the best epoch); ``None``: run every epoch.
     """
 
     epochs: int = 10
@@ -123,11 +130,13 @@ class TrainConfig:
     checkpoint_every: int | None = None
     precision: str = "float32"
     free_bits: float = 0.0
+    objective: str = "elbo"
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_particles", "max_plate_nesting"):
             _positive_int(name, getattr(self, name))
-        for name in ("threads", "eval_batch_size", "checkpoint_every"):
+        for name in ("threads", "eval_batch_size", "checkpoint_every", "patience"):
             _positive_int(name, getattr(self, name), allow_none=True)
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
@@ -164,10 +173,34 @@ class TrainConfig:
             raise ValueError(
                 f"precision={self.precision!r} needs a non-Jit elbo, got elbo={self.elbo!r}"
             )
+        self._check_objective()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"TrainConfig.seed must be an integer >= 0, got {self.seed!r}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; choose cpu, cuda[:N] or auto")
+
+    def _check_objective(self) -> None:
+        """The importance-weighted objectives are estimators of their own, of beta = 1."""
+        try:
+            kind, k = parse_objective(self.objective)
+        except ValueError as error:
+            raise ValueError(f"TrainConfig.objective: {error}") from None
+        if kind == "elbo":
+            return
+        clash = []
+        if self.elbo != "meanfield":
+            clash.append(f"elbo={self.elbo!r} (the objective is its own estimator)")
+        if self.num_particles != 1:
+            clash.append(f"num_particles={self.num_particles} (K of {kind}:K is the samples)")
+        if self.beta != 1.0:
+            clash.append(f"beta={self.beta!r} (the bound has no KL term to weight)")
+        if self.free_bits > 0:
+            clash.append(f"free_bits={self.free_bits:g}")
+        if clash:
+            raise ValueError(
+                f"objective={self.objective!r} trains the {k}-sample importance-weighted bound "
+                f"and cannot be combined with {'; '.join(clash)}: leave those at their defaults"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values."""
@@ -197,18 +230,21 @@ class History:
     """One dict per finished epoch, with the keys of :data:`HISTORY_COLUMNS`.
 
     ``train_objective`` is the mean per training image of -loss over the epoch, i.e. the
-    beta-ELBO estimate the optimiser saw (the ELBO when beta = 1). The ``val_*`` numbers are
+    beta-ELBO estimate the optimiser saw (the ELBO when beta = 1; the K-sample bound with
+    ``objective="iwae:K"`` or ``"dreg:K"``). The ``val_*`` numbers are
     means per validation image at the end of the epoch, with beta = 1 except
     ``val_objective`` = reconstruction - beta * KL; ``val_elbo_se`` is the standard error of
     the mean ELBO over images (one z each). ``best`` marks the epochs that improved on all
     before (validation ELBO, or the training objective without validation). ``None`` stands
     for a number that does not exist (no validation set). ``seconds`` is the epoch's wall
     time (training and validation), ``train_seconds`` that of its steps alone; ``lr`` the
-    rate used during the epoch and ``beta`` that of its last step.
+    rate used during the epoch and ``beta`` that of its last step. ``stopped_early`` is the
+    last epoch trained when ``TrainConfig.patience`` ended the run before ``epochs``.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
+    stopped_early: int | None = None  # the last epoch, when the patience ran out before
     out_dir: Path | None = None
 
     def __len__(self) -> int:

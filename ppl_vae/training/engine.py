@@ -19,7 +19,7 @@ from pyro.infer import ELBO
 from torch import Tensor
 
 from ppl_vae.data import binarize
-from ppl_vae.elbo import FreeBits, elbo_by_name
+from ppl_vae.elbo import FreeBits, elbo_by_name, objective_elbo
 from ppl_vae.rng import forked_rng
 from ppl_vae.training.config import TrainConfig
 
@@ -27,8 +27,11 @@ __all__ = ["Engine", "make_elbo"]
 
 
 def make_elbo(config: TrainConfig) -> ELBO:
-    """A fresh Pyro ELBO object named by ``config.elbo``
-    (:func:`ppl_vae.elbo.pyro_elbos.elbo_by_name`)."""
+    """A fresh Pyro ELBO object for ``config.objective``: the class ``config.elbo`` names
+    (:func:`ppl_vae.elbo.pyro_elbos.elbo_by_name`) for ``"elbo"``, else the importance-weighted
+    one (:func:`ppl_vae.elbo.importance_weighted.objective_elbo`)."""
+    if config.objective != "elbo":
+        return objective_elbo(config.objective, max_plate_nesting=config.max_plate_nesting)
     return elbo_by_name(
         config.elbo,
         num_particles=config.num_particles,

@@ -190,7 +190,12 @@ class _Loop:
         self.config, self.modules, self.files = config, modules, files
         self.kwargs, self.stop, self.device = kwargs, stop, device
         # The bar's running value is the ELBO when beta = 1, the beta-ELBO otherwise.
-        self.plain = beta_schedule is None and config.beta == 1 and config.free_bits == 0
+        self.plain = (
+            beta_schedule is None
+            and config.beta == 1
+            and config.free_bits == 0
+            and config.objective == "elbo"
+        )
         self.beta_at = beta_schedule if beta_schedule is not None else as_schedule(config.beta)
 
         pyro.set_rng_seed(config.seed)
@@ -241,17 +246,27 @@ class _Loop:
             total=config.epochs * self.steps_per_epoch,
             initial=self.state.step,
             enabled=config.progress,
-            label="elbo" if self.plain else "objective",
+            label="elbo" if self.plain else config.objective.replace("elbo", "objective"),
             last_row=rows[-1] if rows else None,
         )
         try:
             for epoch in range(self.state.epoch + 1, config.epochs + 1):
+                if self._out_of_patience():
+                    break
                 progress.end_epoch(self._epoch(epoch, progress))
                 if self.stop.signum is not None and epoch < config.epochs:
                     raise self._interrupted()  # the epoch's checkpoint is written
+            if self._out_of_patience() and self.state.epoch < config.epochs:
+                self.state.history.stopped_early = self.state.epoch
         finally:
             progress.close()
         return self.state.history
+
+    def _out_of_patience(self) -> bool:
+        """``config.patience`` epochs have passed since the best validation ELBO; read off
+        the history, so a resumed run stops where the uninterrupted one did."""
+        patience, best = self.config.patience, self.state.history.best_epoch
+        return patience is not None and best is not None and self.state.epoch - best >= patience
 
     def _epoch(self, epoch: int, progress: Progress) -> dict[str, Any]:
         """Train epoch ``epoch`` from the state's position, validate, save; its row."""
