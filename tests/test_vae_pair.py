@@ -15,7 +15,7 @@ from torch.distributions import Normal, kl_divergence
 from ppl_vae.errors import DataError
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae
-from ppl_vae.vae import ConvDecoder, ConvEncoder, Decoder, Encoder, make_networks
+from ppl_vae.vae import ConvDecoder, ConvEncoder, Decoder, Encoder, GatedLinear, make_networks
 
 Z_DIM = 3
 LIKELIHOODS = ["bernoulli", "gaussian", "continuous-bernoulli"]
@@ -46,7 +46,7 @@ def _pair(likelihood: str, x_dim: int = 64, **kwargs):
 # ------------------------------------------------------------------ network shapes
 
 
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("arch", ["mlp", "gated", "conv"])
 @pytest.mark.parametrize("image_shape", [(1, 8, 8), (1, 28, 28)])
 def test_network_shapes(arch, image_shape):
     enc, dec = make_networks(image_shape, Z_DIM, [32], arch=arch)
@@ -60,6 +60,29 @@ def test_network_shapes(arch, image_shape):
     assert dec(mu).shape == (5, x_dim)
     # Leading particle dimensions pass through the decoder.
     assert dec(torch.randn(4, 5, Z_DIM)).shape == (4, 5, x_dim)
+
+
+def test_gated_layers_gate_each_unit():
+    """arch="gated": each hidden layer is act(W h + b) * sigmoid(V h + c). Checked on the
+    units' own behaviour: a gate driven to -inf zeroes its unit whatever the input, one
+    driven to +inf passes act(W h + b) alone, and the layer is the MLP's size twice over."""
+    enc, dec = make_networks(64, Z_DIM, [30, 20], arch="gated", activation="tanh")
+    plain, _ = make_networks(64, Z_DIM, [30, 20], activation="tanh")
+    gated = [m for m in enc.modules() if isinstance(m, GatedLinear)]
+    assert len(gated) == 2 and sum(isinstance(m, GatedLinear) for m in dec.modules()) == 2
+    first = gated[0]
+    linear = first.linear  # rows 0..29: W, b; rows 30..59: V, c
+    with torch.no_grad():
+        linear.weight[30:] = 0
+        linear.bias[30:] = -1e4  # every gate shut
+        x = torch.rand(7, 64)
+        assert torch.equal(first(x), torch.zeros(7, 30))
+        linear.bias[30:] = 1e4  # every gate open: the activation of the first half alone
+        torch.testing.assert_close(
+            first(x), torch.tanh(x @ linear.weight[:30].T + linear.bias[:30])
+        )
+    body = sum(p.numel() for p in enc.body.parameters())
+    assert body == 2 * sum(p.numel() for p in plain.body.parameters())
 
 
 def test_conv_odd_sizes_and_image_input():

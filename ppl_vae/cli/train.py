@@ -56,7 +56,12 @@ _NETWORK_FLAGS = (
         none="learned",
     ),
     ConfigFlag(
-        VAEConfig, "arch", "network architecture (default: {default})", choices=ARCHITECTURES
+        VAEConfig,
+        "arch",
+        "network architecture: mlp, gated (the MLP with gated dense layers "
+        "act(W h) * sigmoid(V h), as in the VampPrior's networks: use --activation identity "
+        "for theirs) or conv (default: {default})",
+        choices=ARCHITECTURES,
     ),
     ConfigFlag(
         VAEConfig,

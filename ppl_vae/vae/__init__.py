@@ -24,6 +24,7 @@ from ppl_vae.vae.networks import (
     ConvEncoder,
     Decoder,
     Encoder,
+    GatedLinear,
     make_networks,
 )
 from ppl_vae.vae.rd_plane import RateDistortion, rate_distortion
@@ -59,6 +60,7 @@ __all__ = [
     "Decoder",
     "ElboSurgery",
     "Encoder",
+    "GatedLinear",
     "IwaeCurve",
     "LabelledDecoder",
     "LabelledEncoder",

@@ -32,6 +32,7 @@ __all__ = [
     "ConvEncoder",
     "Decoder",
     "Encoder",
+    "GatedLinear",
     "make_networks",
 ]
 
@@ -39,14 +40,17 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "softplus": nn.Softplus,
     "tanh": nn.Tanh,
+    "identity": nn.Identity,
 }
-"""Names accepted by ``activation=``."""
+"""Names accepted by ``activation=`` ("identity": none, e.g. for the gated layers of the
+VampPrior's code, h = (W x + b) * sigmoid(V x + c))."""
 
 LEARN_SIGMA = (None, "scalar", "pixel")
 """Values accepted by ``learn_sigma=``: no learned sigma, one for all pixels, one per pixel."""
 
-ARCHITECTURES = ("mlp", "conv")
-"""The network families of :func:`make_networks`."""
+ARCHITECTURES = ("mlp", "gated", "conv")
+"""The network families of :func:`make_networks`: "gated" is the MLP with gated dense layers
+(:class:`GatedLinear`, Dauphin et al. 2017; the VampPrior's networks, Tomczak & Welling 2018)."""
 
 
 def _activation(name: str) -> type[nn.Module]:
@@ -58,12 +62,29 @@ def _activation(name: str) -> type[nn.Module]:
         ) from None
 
 
-def _mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
-    """Linear layers between consecutive ``sizes``, each followed by the activation."""
+class GatedLinear(nn.Module):
+    """A gated dense layer: act(W x + b) * sigmoid(V x + c), the two products as one matmul."""
+
+    def __init__(self, d_in: int, d_out: int, activation: str = "identity") -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_in, 2 * d_out)
+        self.act = _activation(activation)()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.linear(x).chunk(2, dim=-1)
+        return self.act(h) * torch.sigmoid(gate)
+
+
+def _mlp(sizes: Sequence[int], activation: str, *, gated: bool = False) -> nn.Sequential:
+    """Linear layers between consecutive ``sizes``, each followed by the activation; with
+    ``gated``, :class:`GatedLinear` layers (the activation inside each)."""
     act = _activation(activation)
     layers: list[nn.Module] = []
     for d_in, d_out in itertools.pairwise(sizes):
-        layers += [nn.Linear(d_in, d_out), act()]
+        if gated:
+            layers.append(GatedLinear(d_in, d_out, activation))
+        else:
+            layers += [nn.Linear(d_in, d_out), act()]
     return nn.Sequential(*layers)
 
 
@@ -95,7 +116,8 @@ def _image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 class Encoder(nn.Module):
-    """MLP encoder: x -> (mu, log_var) of q(z | x) = N(mu, diag(exp(log_var)))."""
+    """MLP encoder: x -> (mu, log_var) of q(z | x) = N(mu, diag(exp(log_var))); with
+    ``gated``, its hidden layers are :class:`GatedLinear`."""
 
     def __init__(
         self,
@@ -104,12 +126,13 @@ class Encoder(nn.Module):
         hidden: Sequence[int] = (400,),
         activation: str = "relu",
         image_shape: Sequence[int] | None = None,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         _check_dims(x_dim=x_dim, z_dim=z_dim)
         self.x_dim, self.z_dim = x_dim, z_dim
         self.image_shape = None if image_shape is None else _image_shape(image_shape)
-        self.body = _mlp([x_dim, *hidden], activation)
+        self.body = _mlp([x_dim, *hidden], activation, gated=gated)
         self.head = nn.Linear(([x_dim, *hidden])[-1], 2 * z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +147,7 @@ class Decoder(nn.Module):
 
     With ``learn_sigma`` ("scalar" or "pixel") it also holds ``log_sigma``, the log standard
     deviation of a Gaussian p(x | z); the model reads it, ``forward`` does not return it.
+    With ``gated``, its hidden layers are :class:`GatedLinear`.
     """
 
     def __init__(
@@ -134,12 +158,13 @@ class Decoder(nn.Module):
         activation: str = "relu",
         learn_sigma: str | None = None,
         image_shape: Sequence[int] | None = None,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         _check_dims(x_dim=x_dim, z_dim=z_dim)
         self.x_dim, self.z_dim = x_dim, z_dim
         self.image_shape = None if image_shape is None else _image_shape(image_shape)
-        self.body = _mlp([z_dim, *hidden], activation)
+        self.body = _mlp([z_dim, *hidden], activation, gated=gated)
         self.head = nn.Linear(([z_dim, *hidden])[-1], x_dim)
         self.log_sigma = _log_sigma(learn_sigma, x_dim)
 
@@ -278,7 +303,7 @@ def make_networks(
         between the convs and the latent code), e.g. ``[400]`` or ``[300, 300]``.
     :param likelihood: "bernoulli", "gaussian" or "continuous-bernoulli"; only checked here,
         and ``learn_sigma`` ("scalar" or "pixel") is allowed only with "gaussian".
-    :param arch: "mlp" or "conv".
+    :param arch: "mlp", "gated" (the MLP with gated layers) or "conv".
     :param channels: conv channels, one stride-2 layer each (``arch="conv"`` only).
     """
     if likelihood not in LIKELIHOODS:
@@ -291,10 +316,13 @@ def make_networks(
         )
     image_shape = None if isinstance(x_shape, int) else _image_shape(x_shape)
     hidden = tuple(int(h) for h in hidden)
-    if arch == "mlp":
+    if arch in ("mlp", "gated"):
         x_dim = x_shape if isinstance(x_shape, int) else math.prod(image_shape)  # type: ignore[arg-type]
-        enc = Encoder(x_dim, z_dim, hidden, activation, image_shape=image_shape)
-        dec = Decoder(x_dim, z_dim, hidden, activation, learn_sigma, image_shape=image_shape)
+        gated = arch == "gated"
+        enc = Encoder(x_dim, z_dim, hidden, activation, image_shape=image_shape, gated=gated)
+        dec = Decoder(
+            x_dim, z_dim, hidden, activation, learn_sigma, image_shape=image_shape, gated=gated
+        )
         return enc, dec
     if arch == "conv":
         if image_shape is None:
