@@ -179,7 +179,8 @@ def _run_report(
     figures: _Figures = []
     if history and has_validation:
         schedule = _schedule(_beta(config))
-        figures += _training_figures(history, schedule, out_dir)
+        objective = (config or {}).get("train", {}).get("objective", "elbo")
+        figures += _training_figures(history, schedule, objective, out_dir)
     code, latent = _latent_figures(run, latent_images, seed, out_dir)
     figures += latent + _image_figures(run, seed, out_dir)
     curve, iwae = _iwae_figures(run, iwae_images, iwae_k, seed, out_dir)
@@ -217,9 +218,10 @@ def _run_report(
 
 
 def _training_figures(
-    history: list[dict[str, Any]], schedule: Schedule | None, out_dir: Path
+    history: list[dict[str, Any]], schedule: Schedule | None, objective: str, out_dir: Path
 ) -> _Figures:
-    save(training_curves_figure(history, schedule=schedule), out_dir / "training_curves.png")
+    figure = training_curves_figure(history, schedule=schedule, trained_on=objective)
+    save(figure, out_dir / "training_curves.png")
     caption = (
         "Validation reconstruction, KL (the rate; near zero = posterior collapse) and ELBO per "
         "epoch against steps, with the training objective; beta warm-up shaded where one was "

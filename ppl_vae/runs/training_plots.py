@@ -103,12 +103,20 @@ def _warmup_spans(
     return spans
 
 
+def _objective_label(objective: str) -> str:
+    if objective == "elbo":
+        return "training objective (beta)"
+    kind, _, k = objective.partition(":")
+    return f"training objective ({k}-sample IWAE bound, {kind})"
+
+
 def training_curves_figure(
     history: Any,
     *,
     schedule: Callable[[int], float] | None = None,
     min_rate: float | None = None,
     title: str = "Training: reconstruction, KL and ELBO",
+    trained_on: str = "elbo",
 ) -> Figure:
     """Per-epoch curves against the optimisation step: validation reconstruction
     E_q[log p(x | z)], validation KL(q(z | x) || p(z)) (the rate; near zero = posterior
@@ -121,6 +129,8 @@ def training_curves_figure(
         per-epoch beta column).
     :param min_rate: the collapse level drawn on the KL panel (default
         :data:`ppl_vae.vae.diagnostics.MIN_RATE`).
+    :param trained_on: the run's ``TrainConfig.objective``: with ``"iwae:K"`` or ``"dreg:K"``
+        the training curve is labelled as the K-sample bound it is.
     """
     from ppl_vae.vae import MIN_RATE
 
@@ -167,7 +177,7 @@ def training_curves_figure(
     twin.set_ylim(bottom=0)
     ax = axes[2]
     ax.plot(steps, elbo, "o-", color="black", ms=3, label="validation ELBO (beta = 1)")
-    ax.plot(steps, objective, "s--", color="tab:green", ms=3, label="training objective (beta)")
+    ax.plot(steps, objective, "s--", color="tab:green", ms=3, label=_objective_label(trained_on))
     ax.set_title("ELBO = reconstruction - KL", fontsize=10)
     for ax in axes:
         ax.legend(fontsize=7, loc="best")
