@@ -1,4 +1,5 @@
-"""The Gaussian VAE as a plain Pyro model: p(z) = N(0, I); p(x | z) from a decoder network.
+"""The Gaussian VAE as a plain Pyro model: p(z) = N(0, I) or a learned prior; p(x | z) from a
+decoder network.
 
 p(x | z) is Bernoulli(sigmoid(f(z))), N(f(z), sigma^2 I) or ContinuousBernoulli(sigmoid(f(z))),
 f the decoder. Bind the networks and configuration with ``functools.partial`` and pass only the
@@ -193,8 +194,11 @@ def model(
     sigma: float | None = None,
     beta: float = 1.0,
     check_data: bool = True,
+    prior: nn.Module | None = None,
+    encoder: nn.Module | None = None,
 ) -> None:
-    """p(x, z) = N(z; 0, I) p(x | z), one z per row of ``x``; the latent site scaled by beta.
+    """p(x, z) = p(z) p(x | z), one z per row of ``x``; the latent site scaled by beta.
+    p(z) = N(0, I), or ``prior.distribution(encoder)`` (:mod:`ppl_vae.vae.priors`).
 
     :param x: data, ``(N, x_dim)`` float; 0/1 for "bernoulli", in [0, 1] for
         "continuous-bernoulli".
@@ -206,6 +210,8 @@ def model(
         scales its "z" by the same beta).
     :param check_data: validate ``x`` before the sites (cheap, every step); pass ``False`` once
         the whole dataset has been checked with :func:`check_data`.
+    :param prior: a learned prior, registered as ``pyro.module("prior", ...)``; ``None``:
+        N(0, I). :param encoder: the guide's encoder, which a VampPrior is made of.
     :raises DataError: when ``x`` has the wrong shape or dtype, NaN/inf, or values outside the
         likelihood's support.
     """
@@ -214,10 +220,15 @@ def model(
     if check_data:
         _check(x, x_dim=getattr(decoder, "x_dim", None), likelihood=likelihood)
     pyro.module("decoder", decoder)
+    if prior is None:
+        loc = x.new_zeros(z_dim)  # (z_dim,); the plates broadcast it to (..., N, z_dim)
+        p_z = dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+    else:
+        pyro.module("prior", prior)
+        p_z = prior.distribution(encoder)  # batch (), event (z_dim,)
     with pyro.plate("data", x.shape[0]):
         with kl_scale(beta):
-            loc = x.new_zeros(z_dim)  # (z_dim,); the plates broadcast it to (..., N, z_dim)
-            z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+            z = pyro.sample("z", p_z)
         pyro.sample("x", observation(decoder, z, likelihood, sigma), obs=x)
 
 
@@ -227,8 +238,11 @@ def generate(
     *,
     likelihood: str = "bernoulli",
     z_dim: int | None = None,
+    prior: nn.Module | None = None,
+    encoder: nn.Module | None = None,
 ) -> torch.Tensor:
-    """Mean images E[x | z] for z ~ N(0, I), shape ``(num_samples, x_dim)``.
+    """Mean images E[x | z] for z ~ p(z) (N(0, I), or ``prior.distribution(encoder)``),
+    shape ``(num_samples, x_dim)``.
 
     Probabilities sigmoid(f(z)) for "bernoulli", the continuous-Bernoulli mean (in [0, 1])
     for "continuous-bernoulli", f(z) for "gaussian". Reshape with ``decoder.image_shape``.
@@ -239,7 +253,10 @@ def generate(
     param = next(decoder.parameters(), None)
     kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
     with torch.no_grad():
-        z = torch.randn(num_samples, z_dim, **kw)  # (num_samples, z_dim)
+        if prior is None:
+            z = torch.randn(num_samples, z_dim, **kw)  # (num_samples, z_dim)
+        else:
+            z = prior.distribution(encoder).sample((num_samples,))
         return likelihood_mean(decoder(z), likelihood)  # (num_samples, x_dim)
 
 

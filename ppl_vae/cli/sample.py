@@ -1,7 +1,8 @@
 """``ppl-vae sample``: a run's sample and reconstruction grids (:func:`ppl_vae.runs.sample_run`).
 
-Samples are E[x | z] with z ~ p(z) = N(0, I); reconstructions E[x | z = mu(x)] decode the mean
-mu(x) of q(z | x) for test images x. An M2 run decodes each code z as every class y: E[x | y, z].
+Samples are E[x | z] with z ~ p(z) (N(0, I), or the run's learned prior); reconstructions
+E[x | z = mu(x)] decode the mean mu(x) of q(z | x) for test images x. An M2 run decodes each
+code z as every class y: E[x | y, z].
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def add_parser(subparsers: Any) -> None:
     sample = subparsers.add_parser(
         "sample",
         help="decode samples from the prior of a run, and reconstructions",
-        description="Write samples.png (E[x | z], z ~ N(0, I)) and reconstructions.png into "
+        description="Write samples.png (E[x | z], z ~ p(z)) and reconstructions.png into "
         "the run folder. For an M2 run (train --model m2): one row per class named by the "
         "dataset's class names, the same codes z in every row (the style kept, the class "
         "changed), --num / C columns.",

@@ -69,6 +69,15 @@ _NETWORK_FLAGS = (
         "hidden layers' activation (default: {default})",
         choices=tuple(ACTIVATIONS),
     ),
+    ConfigFlag(
+        VAEConfig,
+        "prior",
+        "p(z): normal = N(0, I); mog:K = a learned mixture of K Gaussians; vamp:K = the "
+        "VampPrior, the mixture of the encoder's posteriors at K learned pseudo-inputs (Tomczak "
+        "& Welling 2018). A learned prior has no closed-form KL: the KL term is then sampled, "
+        "and the reports say so (default: {default})",
+        metavar="normal|mog:K|vamp:K",
+    ),
 )
 
 
@@ -382,7 +391,8 @@ def add_parser(subparsers: Any) -> None:
     train = subparsers.add_parser(
         "train",
         help="train a VAE on real images with Pyro's SVI, or resume a stopped run",
-        description="Train a Gaussian VAE (encoder outputs mu and log sigma^2; p(z) = N(0, I))\n"
+        description="Train a Gaussian VAE (encoder outputs mu and log sigma^2; p(z) = N(0, I)\n"
+        "or a learned prior, --prior)\n"
         "by SVI, validating the ELBO (beta = 1) every epoch. Writes a run folder: config.json,\n"
         "history.csv/json, checkpoints/best.ckpt and last.ckpt, samples.png,\n"
         "reconstructions.png. A stopped run (killed, Ctrl-C, SIGTERM) continues with\n"

@@ -19,6 +19,7 @@ share.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -55,13 +56,15 @@ def vae_log_evidence(
     *,
     likelihood: str = "bernoulli",
     sigma: float | None = None,
+    prior: nn.Module | None = None,
 ) -> LogEvidence:
     """The Gaussian VAE's IWAE bound without Pyro traces (:func:`ppl_vae.vae.vae_iwae`, the
     same estimator as the generic one, several times faster), for ``evaluate(...,
-    log_evidence=...)``. ``likelihood`` and ``sigma`` as bound to the model
-    (:func:`ppl_vae.models.vae.model`)."""
+    log_evidence=...)``. ``likelihood``, ``sigma`` and a learned ``prior`` as bound to the
+    model (:func:`ppl_vae.models.vae.model`)."""
 
     def log_evidence(images: Tensor, num_samples: int, progress: bool) -> Tensor:
+        p_z = None if prior is None else prior.distribution(encoder)
         # 2,000 decoder rows per pass: big enough for efficient matrix products, small enough
         # (6 MB at D = 784) to reuse memory instead of faulting in fresh pages every pass.
         chunk = min(num_samples, 100)
@@ -75,6 +78,7 @@ def vae_log_evidence(
             chunk_size=chunk,
             batch_size=max(1, 2000 // chunk),
             progress=progress,
+            prior=p_z,
         )
         return per_image.double().cpu()
 
@@ -161,25 +165,33 @@ def evaluate(
     start_time = time.perf_counter()
     seeded = forked_rng(images.device, seed) if seed is not None else contextlib.nullcontext()
     with seeded, torch.no_grad():
-        recon, kl = _elbo_terms(model, guide, images, elbo_batch, elbo_particles, kwargs)
+        recon, kl, kl_sampled = _elbo_terms(
+            model, guide, images, elbo_batch, elbo_particles, kwargs
+        )
         if log_evidence is not None:
             iwae_per_image = log_evidence(images, iwae_samples, progress)
         else:
             iwae_per_image = _pyro_iwae(
                 model, guide, images, iwae_samples, iwae_batch, chunk, kwargs, progress
             )
-        code = _code(encoder, images, max(elbo_batch, 2)) if encoder is not None else None
+        code = None
+        if encoder is not None:
+            code = _code(encoder, images, max(elbo_batch, 2), per_dimension=not kl_sampled)
     seconds = time.perf_counter() - start_time
-    return _record(images, recon, kl, iwae_per_image, code, iwae_samples, elbo_particles, seconds)
+    result = _record(images, recon, kl, iwae_per_image, code, iwae_samples, elbo_particles, seconds)
+    return dataclasses.replace(result, kl_sampled=kl_sampled)
 
 
 def _code(
-    encoder: nn.Module, images: Tensor, batch: int
-) -> tuple[int | None, int, tuple[float, ...]]:
+    encoder: nn.Module, images: Tensor, batch: int, *, per_dimension: bool
+) -> tuple[int | None, int, tuple[float, ...] | None]:
     """(active units, z_dim, KL per dimension) of the codes of ``images``; no active-unit
-    count from a single image (it needs a variance across images)."""
+    count from a single image (it needs a variance across images). KL per dimension is to
+    N(0, 1): only ``per_dimension`` (a standard normal prior, whose KL has a closed form)."""
     mu, log_var = posterior_moments(encoder, images, batch_size=batch)
-    kl_dims = tuple(float(v) for v in kl_per_dimension(mu, log_var).double().cpu())
+    kl_dims = None
+    if per_dimension:
+        kl_dims = tuple(float(v) for v in kl_per_dimension(mu, log_var).double().cpu())
     n_active = active_units(mu)[0] if images.shape[0] > 1 else None
     return n_active, int(mu.shape[1]), kl_dims
 
@@ -231,11 +243,13 @@ def _elbo_terms(
     batch: int,
     particles: int,
     kwargs: dict[str, Any],
-) -> tuple[Tensor, Tensor]:
-    """Per-image reconstruction E_q[log p(x | z)] (``particles`` draws) and closed-form KL,
-    (N,) float64 CPU tensors each; the guide's discrete sites (M2's label) summed out."""
+) -> tuple[Tensor, Tensor, bool]:
+    """Per-image reconstruction E_q[log p(x | z)] (``particles`` draws) and KL, closed-form
+    where ``kl_divergence`` has it, (N,) float64 CPU tensors each, and whether any KL term
+    was sampled instead; the guide's discrete sites (M2's label) summed out."""
     structure = inspect_pair(model, guide, (images[:batch],), kwargs)
     recon_parts, kl_parts = [], []
+    sampled = False
     for x in images.split(batch):
         if structure.enumerable_latent:  # one draw per discrete value, ``particles`` times
             draws = [
@@ -264,7 +278,10 @@ def _elbo_terms(
         kl = sum(t for kind, _, t in terms.values() if kind == "kl")
         recon_parts.append(torch.as_tensor(recon).mean(0).double().cpu())
         kl_parts.append(torch.as_tensor(kl).mean(0).double().cpu())
-    return torch.cat(recon_parts), torch.cat(kl_parts)
+        sampled = sampled or any(
+            kind == "kl" and method == "sampled" for kind, method, _ in terms.values()
+        )
+    return torch.cat(recon_parts), torch.cat(kl_parts), sampled
 
 
 def _pyro_iwae(

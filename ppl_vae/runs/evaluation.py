@@ -44,7 +44,9 @@ class Evaluation:
     ``elbo`` = ``reconstruction`` - ``kl``; ``iwae`` is the K-sample importance-weighted bound
     (K = ``iwae_k``); both are lower bounds on log p(x). ``gap_elbo_iwae`` = iwae - elbo, with
     ``gap_se`` from the paired per-image differences. ``active_units`` and ``kl_per_dim`` are
-    ``None`` when no encoder was available. ``elbo_per_image`` and ``iwae_per_image`` hold the
+    ``None`` when no encoder was available; ``kl_per_dim`` (KL to N(0, 1) per dimension) also
+    when ``kl_sampled``: the KL had no closed form (a learned prior) and is a Monte Carlo
+    estimate, its noise inside ``elbo_se``. ``elbo_per_image`` and ``iwae_per_image`` hold the
     (N,) values behind the means (CPU tensors; left out of :meth:`to_dict` by default).
     """
 
@@ -65,6 +67,7 @@ class Evaluation:
     elbo_particles: int
     seconds: float
     device: str = "cpu"
+    kl_sampled: bool = False
     accuracy: float | None = None  # a classifier's (M2's q(y | x)) test accuracy, in [0, 1]
     accuracy_se: float | None = None  # its binomial s.e., sqrt(a (1 - a) / N)
     num_classes: int | None = None
@@ -150,7 +153,12 @@ class Evaluation:
         rows = [
             ("ELBO", self.elbo, self.elbo_se, self.bits_per_dim_elbo),
             (f"  reconstruction E_q[log p(x|{latent})]", self.reconstruction, None, None),
-            (f"  KL(q({latent}|x) || p({latent}))", self.kl, None, None),
+            (
+                f"  KL(q({latent}|x) || p({latent})){' (sampled)' if self.kl_sampled else ''}",
+                self.kl,
+                None,
+                None,
+            ),
             ("distortion D = -reconstruction", self.distortion, None, None),
             ("rate R = KL", self.rate, None, None),
             (f"IWAE, K = {self.iwae_k}", self.iwae, self.iwae_se, self.bits_per_dim_iwae),
@@ -170,11 +178,12 @@ class Evaluation:
             "  Both are LOWER bounds on log p(x): ELBO <= IWAE_K <= log p(x) (in expectation),"
         )
         lines.append("  so -IWAE_K (and -ELBO) are upper bounds on the negative log-likelihood.")
-        if self.active_units is not None and self.kl_per_dim is not None:
+        if self.active_units is not None:
             lines.append(
                 f"  active units: {self.active_units} of {self.z_dim} "
                 f"(Cov_x(E_q[z_u]) > {ACTIVE_THRESHOLD})"
             )
+        if self.kl_per_dim is not None:
             kl_text = " ".join(f"{v:.3f}" for v in self.kl_per_dim)
             lines.append(f"  KL per latent dimension (nats/image): {kl_text}")
         if self.accuracy is not None:

@@ -43,7 +43,7 @@ from ppl_vae.training import (
     fit,
     resolve_device,
 )
-from ppl_vae.vae import M2, VAE, M2Config, VAEConfig, build_vae, resolve_binarize
+from ppl_vae.vae import M2, VAE, M2Config, VAEConfig, build_vae, prior_name, resolve_binarize
 
 __all__ = [
     "TrainedRun",
@@ -325,10 +325,16 @@ def write_figures(run: TrainedRun, *, num: int = 100, seed: int = 0) -> list[Pat
     vae.encoder.eval()
     vae.decoder.eval()
     with forked_rng(seed=seed):
-        samples = vae_model.generate(vae.decoder, num, likelihood=vae.config.likelihood)
+        samples = vae_model.generate(
+            vae.decoder,
+            num,
+            likelihood=vae.config.likelihood,
+            prior=vae.prior,
+            encoder=vae.encoder,
+        )
     inputs = data.test.images[:50]
     recons = vae_model.reconstruct(vae.encoder, vae.decoder, inputs, vae.config.likelihood)
-    title = f"{vae.config.dataset}: decoded samples z ~ N(0, I), E[x | z]"
+    title = f"{vae.config.dataset}: decoded samples z ~ {prior_name(vae.config.prior)}, E[x | z]"
     return [
         save(image_grid(samples, data.image_shape, title=title), run.path / "samples.png"),
         save(
@@ -359,7 +365,11 @@ def evaluate_run(
         write_json(run.path / "evaluation.json", {"checkpoint": checkpoint, **result.to_dict()})
         return result
     fast = vae_log_evidence(
-        vae.encoder, vae.decoder, likelihood=vae.config.likelihood, sigma=vae.config.sigma
+        vae.encoder,
+        vae.decoder,
+        likelihood=vae.config.likelihood,
+        sigma=vae.config.sigma,
+        prior=vae.prior,
     )
     with torch.no_grad():
         result = evaluate(

@@ -83,23 +83,38 @@ def latent_space_figure(
     max_points: int = 3000,
     title: str = "Posterior means E_q[z | x] of test images",
     class_names: Sequence[str] | None = None,
+    prior_draws: torch.Tensor | None = None,
 ) -> Figure:
     """Posterior means (N, z) as points coloured by class, with the prior N(0, I)'s 1 and 2
-    sigma circles dashed. For z > 2: the two dimensions with the largest KL
+    sigma circles dashed, or, for a learned prior, ``prior_draws`` (M, z) from it as grey
+    dots on the same axes. For z > 2: the two dimensions with the largest KL
     (``projection="kl"``, from ``kl_per_dim`` or ``log_var``) or the first two principal
-    directions of the means (``"pca"``). The legend names each class present by its label,
-    or by ``class_names[label]`` when given."""
+    directions of the means (``"pca"``, the only one with ``prior_draws``). The legend names
+    each class present by its label, or by ``class_names[label]`` when given."""
     mu = torch.as_tensor(mu).detach().double().cpu()
     if mu.dim() != 2 or mu.shape[0] == 0:
         raise ValueError(f"mu must be (N, z) with N >= 1, got shape {tuple(mu.shape)}")
     if class_names is not None and labels is None:
         raise ValueError("class_names names the classes of labels: pass labels too")
     lv = None if log_var is None else torch.as_tensor(log_var).detach().double().cpu()
-    points, (xlabel, ylabel) = _project(mu, lv, kl_per_dim, projection)
+    draws = None
+    if prior_draws is not None:
+        if projection != "pca" and mu.shape[1] > 2:
+            raise ValueError("prior_draws are drawn on the means' principal directions: pca")
+        draws = torch.as_tensor(prior_draws).detach().double().cpu()
+        projected, (xlabel, ylabel) = _project(torch.cat([mu, draws]), None, None, "pca")
+        if mu.shape[1] > 2:  # the means' own directions, the draws projected on them
+            _, _, v = torch.linalg.svd(mu - mu.mean(0), full_matrices=False)
+            projected = torch.cat([mu, draws]) @ v[:2].T
+        points, draws = projected[: mu.shape[0]], projected[mu.shape[0] :]
+    else:
+        points, (xlabel, ylabel) = _project(mu, lv, kl_per_dim, projection)
     points = points[:max_points]
     fig, ax = plt.subplots(figsize=(5.6, 5.0))
     theta = torch.linspace(0, 2 * math.pi, 200)
-    if mu.shape[1] == 1:
+    if draws is not None:
+        ax.scatter(draws[:, 0], draws[:, 1], s=4, color="k", alpha=0.25, label="draws from p(z)")
+    elif mu.shape[1] == 1:
         for r in (1, 2):
             for sign in (-1, 1):
                 ax.axvline(sign * r, color="gray", ls="--", lw=1)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import html
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ppl_vae.atomic import write_atomically
 from ppl_vae.elbo import Constant, Schedule, as_schedule, canonical_beta
@@ -33,14 +33,19 @@ from ppl_vae.rng import forked_rng
 from ppl_vae.runs.folder import TrainedRun, load_run
 from ppl_vae.runs.image_plots import image_grid, interpolations_figure, reconstructions_figure, save
 from ppl_vae.runs.latent_plots import gaussian_kl_figure, iwae_figure, latent_space_figure
-from ppl_vae.runs.page import format_value, html_cell, html_figure, html_page, html_table, read_json
+from ppl_vae.runs.page import html_cell, html_figure, html_page, html_table, read_json
+from ppl_vae.runs.report_numbers import (
+    CodeSummary,
+    code_numbers,
+    evaluation_numbers,
+    training_numbers,
+)
 from ppl_vae.runs.semi_supervised import m2_figures
 from ppl_vae.runs.sweep import SWEEP_FILE
 from ppl_vae.runs.sweep_report import write_sweep_report
 from ppl_vae.runs.training_plots import training_curves_figure
 from ppl_vae.vae import (
     DEFAULT_KS,
-    ElboSurgery,
     IwaeCurve,
     active_units,
     collapse_warning,
@@ -49,7 +54,7 @@ from ppl_vae.vae import (
     iwae_curve,
     kl_per_dimension,
     posterior_moments,
-    rate_distortion,
+    prior_name,
 )
 
 __all__ = ["REPORT_DIR", "write_report"]
@@ -148,17 +153,6 @@ def _pairs(labels: torch.Tensor, count: int) -> list[tuple[int, int]]:
     return pairs[:count]
 
 
-@dataclass(frozen=True)
-class _Code:
-    """The latent code of the report's test images: KL per dimension, active units, and the
-    rate split by ELBO surgery."""
-
-    kl_dims: torch.Tensor
-    n_active: int
-    surgery: ElboSurgery
-    z_dim: int
-
-
 def _run_report(
     path: Path,
     out_dir: Path,
@@ -188,9 +182,9 @@ def _run_report(
 
     numbers: list[list[str]] = []
     if history and has_validation:
-        numbers += _training_numbers(history)
-    numbers += _evaluation_numbers(evaluation, path)
-    numbers += _code_numbers(code, curve)
+        numbers += training_numbers(history)
+    numbers += evaluation_numbers(evaluation, path)
+    numbers += code_numbers(code, curve)
     vc = run.vae.config
     body = [
         "<p>"
@@ -232,7 +226,7 @@ def _training_figures(
 
 def _latent_figures(
     run: TrainedRun, latent_images: int, seed: int, out_dir: Path
-) -> tuple[_Code, _Figures]:
+) -> tuple[CodeSummary, _Figures]:
     """The latent space of the first ``latent_images`` test images, the Gaussian KL map, and
     the numbers computed from the codes."""
     test = run.dataset.test
@@ -242,8 +236,13 @@ def _latent_figures(
     names = run.dataset.class_names
     encoder = run.vae.code_encoder() if run.semi_supervised else run.vae.encoder
     mu, log_var = posterior_moments(encoder, images)
+    learned = None if run.semi_supervised else run.vae.prior
+    if learned is not None:
+        return _learned_prior_latents(run, mu, log_var, labels, seed, out_dir)
     kl_dims = kl_per_dimension(mu, log_var)
-    code = _Code(kl_dims, active_units(mu)[0], elbo_surgery(mu, log_var, seed=seed), mu.shape[1])
+    code = CodeSummary(
+        kl_dims, active_units(mu)[0], elbo_surgery(mu, log_var, seed=seed), mu.shape[1]
+    )
     save(
         latent_space_figure(mu.cpu(), labels.cpu(), kl_per_dim=kl_dims.tolist(), class_names=names),
         out_dir / "latent_space.png",
@@ -271,6 +270,34 @@ def _latent_figures(
     return code, figures
 
 
+def _learned_prior_latents(
+    run: TrainedRun, mu: Tensor, log_var: Tensor, labels: Tensor, seed: int, out_dir: Path
+) -> tuple[CodeSummary, _Figures]:
+    """The latent space under a learned prior: the means in their first two principal
+    directions beside draws from p(z) (no N(0, I) circles, no per-dimension KL: the prior
+    does not factorise), and the ELBO surgery against p(z)."""
+    vae = run.vae
+    with torch.no_grad(), forked_rng(seed=seed):
+        p_z = vae.prior_distribution()
+        surgery = elbo_surgery(mu, log_var, seed=seed, prior=p_z)
+        draws = p_z.sample((min(1000, mu.shape[0]),))
+    code = CodeSummary(None, active_units(mu)[0], surgery, mu.shape[1])
+    name = prior_name(vae.config.prior)
+    figure = latent_space_figure(
+        mu.cpu(),
+        labels.cpu(),
+        projection="pca",
+        class_names=run.dataset.class_names,
+        prior_draws=draws.cpu(),
+    )
+    save(figure, out_dir / "latent_space.png")
+    caption = (
+        f"Posterior means of test images by class and draws from the learned prior {name}, "
+        "on the means' first two principal directions."
+    )
+    return code, [("Latent space", "latent_space.png", caption)]
+
+
 def _image_figures(run: TrainedRun, seed: int, out_dir: Path) -> _Figures:
     """Samples from the prior, reconstructions, and interpolations between classes (an M2
     run: one row of samples per class, and reconstructions at the predicted label)."""
@@ -283,11 +310,11 @@ def _image_figures(run: TrainedRun, seed: int, out_dir: Path) -> _Figures:
     vae, data = run.vae, run.dataset
     likelihood, test = vae.config.likelihood, data.test
     with forked_rng(seed=seed):
-        samples = vae_model.generate(vae.decoder, 100, likelihood=likelihood)
-    save(
-        image_grid(samples, data.image_shape, title="E[x | z], z ~ N(0, I)"),
-        out_dir / "samples.png",
-    )
+        samples = vae_model.generate(
+            vae.decoder, 100, likelihood=likelihood, prior=vae.prior, encoder=vae.encoder
+        )
+    title = f"E[x | z], z ~ {prior_name(vae.config.prior)}"
+    save(image_grid(samples, data.image_shape, title=title), out_dir / "samples.png")
     inputs = test.images[:50]
     recons = vae_model.reconstruct(vae.encoder, vae.decoder, inputs, likelihood)
     save(reconstructions_figure(inputs, recons, data.image_shape), out_dir / "reconstructions.png")
@@ -345,6 +372,7 @@ def _iwae_figures(
         likelihood=vae.config.likelihood,
         sigma=vae.config.sigma,
         seed=seed,
+        prior=vae.prior,
     )
     save(
         iwae_figure(curve.ks, curve.iwae, curve.elbo, iwae_se=curve.gap_se),
@@ -357,86 +385,3 @@ def _iwae_figures(
         "(paired over images)."
     )
     return curve, [("The IWAE bound against K", "iwae_vs_k.png", caption)]
-
-
-def _training_numbers(history: list[dict[str, Any]]) -> list[list[str]]:
-    """Rows of the key numbers from ``history.json``: the last epoch and the best one."""
-    last = history[-1]
-    best = max((r for r in history if r.get("val_elbo") is not None), key=lambda r: r["val_elbo"])
-    points = rate_distortion(history)
-    fmt = format_value
-    return [
-        ["epochs trained (steps)", f"{last['epoch']} ({last['step']})", ""],
-        ["beta at the last step", fmt(last.get("beta"), 3), "training weight of the KL"],
-        [
-            "validation ELBO, last epoch",
-            f"{fmt(last['val_elbo'])} ± {fmt(last['val_elbo_se'])}",
-            f"best {fmt(best['val_elbo'])} at epoch {best['epoch']}",
-        ],
-        [
-            "validation rate R / distortion D, last epoch",
-            f"{fmt(points[-1].rate)} / {fmt(points[-1].distortion)}",
-            "ELBO = -(D + R)",
-        ],
-    ]
-
-
-def _evaluation_numbers(evaluation: dict[str, Any] | None, path: Path) -> list[list[str]]:
-    """Rows of the key numbers from ``evaluation.json``, or one saying how to write it."""
-    if not evaluation:
-        return [["test ELBO and IWAE", "–", f"not evaluated yet: ppl-vae evaluate {path}"]]
-    get, fmt = evaluation.get, format_value
-    rows = []
-    if get("accuracy") is not None:
-        rows.append(
-            [
-                "test accuracy of q(y | x)",
-                f"{fmt(100 * get('accuracy'), 2)}% ± {fmt(100 * get('accuracy_se'), 2)}",
-                f"{get('num_classes')} classes; the ELBO and IWAE sum the label out",
-            ]
-        )
-    return [
-        *rows,
-        [
-            "test ELBO (beta = 1)",
-            f"{fmt(get('elbo'))} ± {fmt(get('elbo_se'))}",
-            f"{get('n_images')} images, checkpoint {get('checkpoint', '?')}; "
-            f"{fmt(get('bits_per_dim_elbo'))} bits/dim",
-        ],
-        ["  rate R = KL(q(z|x) || p(z))", fmt(get("rate")), ""],
-        ["  distortion D = -E_q[log p(x|z)]", fmt(get("distortion")), ""],
-        [
-            f"test IWAE, K = {get('iwae_k')}",
-            f"{fmt(get('iwae'))} ± {fmt(get('iwae_se'))}",
-            f"{fmt(get('bits_per_dim_iwae'))} bits/dim; IWAE - ELBO {fmt(get('gap_elbo_iwae'))}",
-        ],
-    ]
-
-
-def _code_numbers(code: _Code, curve: IwaeCurve | None) -> list[list[str]]:
-    """Rows of the key numbers computed from the codes and the IWAE curve."""
-    surgery, fmt = code.surgery, format_value
-    rows = [
-        [
-            "rate E_x KL(q(z|x) || p(z))",
-            fmt(surgery.avg_kl),
-            f"closed form, {surgery.n_images} test images",
-        ],
-        [
-            "  = I_q(x; z)",
-            f"{fmt(surgery.mutual_info)} ± {fmt(surgery.mutual_info_se)}",
-            f"ELBO surgery; at most log N = {fmt(surgery.log_n, 3)}",
-        ],
-        ["  + KL(q(z) || p(z))", fmt(surgery.marginal_kl), "aggregate posterior vs prior"],
-        ["active units", f"{code.n_active} of {code.z_dim}", "Cov_x(E_q[z_u]) > 0.01"],
-        ["KL per latent dimension", " ".join(f"{v:.3f}" for v in code.kl_dims.tolist()), ""],
-    ]
-    if curve is not None:
-        rows.append(
-            [
-                f"IWAE_{curve.num_samples} - ELBO",
-                fmt(curve.iwae[-1] - curve.elbo),
-                f"{curve.n_images} test images (figure below)",
-            ]
-        )
-    return rows

@@ -27,6 +27,14 @@ from ppl_vae.vae.networks import (
     GatedLinear,
     make_networks,
 )
+from ppl_vae.vae.priors import (
+    PRIORS,
+    MixturePrior,
+    VampPrior,
+    make_prior,
+    parse_prior,
+    prior_name,
+)
 from ppl_vae.vae.rd_plane import RateDistortion, rate_distortion
 from ppl_vae.vae.semi_supervised import (
     M2,
@@ -53,6 +61,7 @@ __all__ = [
     "M2",
     "MIN_ACTIVE",
     "MIN_RATE",
+    "PRIORS",
     "VAE",
     "Classifier",
     "ConvDecoder",
@@ -65,8 +74,10 @@ __all__ = [
     "LabelledDecoder",
     "LabelledEncoder",
     "M2Config",
+    "MixturePrior",
     "RateDistortion",
     "VAEConfig",
+    "VampPrior",
     "active_units",
     "build_m2",
     "build_vae",
@@ -79,9 +90,12 @@ __all__ = [
     "m2_iwae",
     "m2_log_weights",
     "make_networks",
+    "make_prior",
     "make_ss_networks",
     "paper_alpha",
+    "parse_prior",
     "posterior_moments",
+    "prior_name",
     "rate_distortion",
     "resolve_binarize",
     "vae_iwae",

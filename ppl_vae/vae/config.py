@@ -12,16 +12,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ppl_vae.errors import DataError
 from ppl_vae.guides import vae as vae_guide
 from ppl_vae.models import vae as vae_model
 from ppl_vae.vae.networks import make_networks
+from ppl_vae.vae.priors import make_prior, parse_prior
 
 __all__ = ["VAE", "VAEConfig", "build_vae", "resolve_binarize"]
 
 """Values of ``VAEConfig.arch`` (built by :func:`~ppl_vae.vae.networks.make_networks`)."""
+
+_ADDED = {"prior": "normal"}
+"""VAEConfig fields added later, with the default that older configurations mean."""
 
 BINARIZE_DEFAULT = {"bernoulli": "dynamic", "gaussian": "none", "continuous-bernoulli": "none"}
 """The binarisation each likelihood expects when the user does not say."""
@@ -41,10 +46,19 @@ class VAEConfig:
     sigma: float | None = None  # fixed Gaussian s.d.; None with "gaussian" learns one
     learn_sigma: str | None = None  # "scalar" or "pixel" (Gaussian only)
     image_shape: tuple[int, ...] = field(default=())  # filled from the data
+    prior: str = "normal"  # one of PRIORS: N(0, I), "mog:K" or "vamp:K"
+
+    def __post_init__(self) -> None:
+        parse_prior(self.prior)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values."""
-        return asdict(self)
+        """Plain JSON-ready values. Settings added after runs were first saved are left out
+        at their default, so those runs' configurations (and digests) stay what they were."""
+        values = asdict(self)
+        for name, default in _ADDED.items():
+            if values[name] == default:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> VAEConfig:
@@ -76,11 +90,19 @@ class VAE:
     decoder: nn.Module
     model: Callable
     guide: Callable
+    prior: nn.Module | None = None  # a learned p(z); None: N(0, I)
 
     @property
     def modules(self) -> dict[str, nn.Module]:
         """The networks by the names Pyro registers them under."""
-        return {"encoder": self.encoder, "decoder": self.decoder}
+        modules = {"encoder": self.encoder, "decoder": self.decoder}
+        if self.prior is not None:
+            modules["prior"] = self.prior
+        return modules
+
+    def prior_distribution(self) -> torch.distributions.Distribution | None:
+        """p(z) of a learned prior (batch (), event (z_dim,)); ``None`` for N(0, I)."""
+        return None if self.prior is None else self.prior.distribution(self.encoder)
 
 
 def build_vae(config: VAEConfig) -> VAE:
@@ -99,8 +121,16 @@ def build_vae(config: VAEConfig) -> VAE:
         activation=config.activation,
         learn_sigma=learn_sigma,
     )
+    prior = make_prior(config.prior, encoder.x_dim, config.z_dim)
+    learned = {} if prior is None else {"prior": prior, "encoder": encoder}
     model = functools.partial(
-        vae_model.model, decoder=decoder, likelihood=config.likelihood, sigma=config.sigma
+        vae_model.model,
+        decoder=decoder,
+        likelihood=config.likelihood,
+        sigma=config.sigma,
+        **learned,
     )
     guide = functools.partial(vae_guide.guide, encoder=encoder)
-    return VAE(config=config, encoder=encoder, decoder=decoder, model=model, guide=guide)
+    return VAE(
+        config=config, encoder=encoder, decoder=decoder, model=model, guide=guide, prior=prior
+    )

@@ -133,7 +133,9 @@ class ElboSurgery:
 
     q(z) = (1/N) sum_n q(z | x_n) the aggregate posterior. ``mutual_info`` is the Monte Carlo
     estimate of I_q(x; z) (standard error ``mutual_info_se`` across images), ``avg_kl`` closed
-    form and ``marginal_kl`` = avg_kl - mutual_info. I_q(x; z) <= log N (``log_n``).
+    form for p(z) = N(0, I) (sampled from the same draws for a learned prior: ``sampled_kl``,
+    s.e. ``marginal_kl_se``) and ``marginal_kl`` = avg_kl - mutual_info. I_q(x; z) <= log N
+    (``log_n``).
     """
 
     avg_kl: float
@@ -142,6 +144,8 @@ class ElboSurgery:
     mutual_info_se: float
     n_images: int
     num_samples: int
+    sampled_kl: bool = False
+    marginal_kl_se: float | None = None
 
     @property
     def log_n(self) -> float:
@@ -149,14 +153,16 @@ class ElboSurgery:
         return math.log(self.n_images)
 
     def __str__(self) -> str:
+        how = "sampled" if self.sampled_kl else "closed form"
+        marginal_se = "" if self.marginal_kl_se is None else f"  ± {self.marginal_kl_se:.4f}"
         return "\n".join(
             [
                 f"ELBO surgery over {self.n_images} images ({self.num_samples} z per image), "
                 "nats per image",
-                f"  E_x KL(q(z|x) || p(z)) (closed form)  {self.avg_kl:10.4f}",
+                f"  E_x KL(q(z|x) || p(z)) ({how:<11})  {self.avg_kl:10.4f}",
                 f"  = I_q(x; z)                            {self.mutual_info:10.4f}"
                 f"  ± {self.mutual_info_se:.4f}  (<= log N = {self.log_n:.4f})",
-                f"  + KL(q(z) || p(z))                     {self.marginal_kl:10.4f}",
+                f"  + KL(q(z) || p(z))                     {self.marginal_kl:10.4f}{marginal_se}",
             ]
         )
 
@@ -167,11 +173,13 @@ def elbo_surgery(
     *,
     num_samples: int = 1,
     seed: int | None = 0,
+    prior: torch.distributions.Distribution | None = None,
 ) -> ElboSurgery:
     """Split the rate E_x KL(q(z | x) || p(z)) into I_q(x; z) + KL(q(z) || p(z)).
 
     q(z | x_n) = N(mu_n, diag(exp(log_var_n))) for the N rows of ``mu`` and ``log_var``, p(z) =
-    N(0, I), and q(z) = (1/N) sum_m q(z | x_m), the aggregate posterior of these N images.
+    N(0, I) or ``prior`` (a learned prior, event shape (z,)), and q(z) = (1/N) sum_m
+    q(z | x_m), the aggregate posterior of these N images.
 
     Estimator: draw ``num_samples`` z ~ q(z | x_n) for every n and average
 
@@ -182,7 +190,9 @@ def elbo_surgery(
     for the aggregate posterior of the images passed and the estimate is unbiased for it (no
     minibatch estimator of log q(z) is used). Each term is <= log N, so the estimate is too,
     and it is exactly 0 when q(z | x) does not depend on x. KL(q(z) || p(z)) is then the
-    closed-form rate minus this estimate. Passing a subset of a data set gives that subset's
+    closed-form rate minus this estimate; with a learned ``prior``, KL(q(z) || p(z)) is the
+    mean of log q(z_ns) - log p(z_ns) over the same draws (its s.e. across images) and the rate
+    their sum. Passing a subset of a data set gives that subset's
     aggregate posterior: I_q is then capped at log N of the subset, an underestimate when the
     code carries more than log N nats. Cost: N^2 S z_dim multiply-adds.
 
@@ -209,21 +219,34 @@ def elbo_surgery(
     z = (mu64 + (0.5 * lv64).exp() * eps.double()).reshape(-1, z_dim)  # (S N, z), row s*N + n
     own = torch.arange(n, device=mu.device).repeat(num_samples)  # the image each z came from
     chunk = max(1, _PAIR_BUDGET // n)
-    terms = []
+    terms, marginal_terms = [], []
     for start in range(0, z.shape[0], chunk):
         zc = z[start : start + chunk]  # (B, z)
         log_q = -0.5 * (zc.square() @ precision.T - 2.0 * zc @ weighted_mu.T + const)  # (B, N)
         log_q_own = log_q.gather(1, own[start : start + chunk, None]).squeeze(1)  # (B,)
-        terms.append(log_q_own - (torch.logsumexp(log_q, dim=1) - math.log(n)))
+        log_q_marginal = torch.logsumexp(log_q, dim=1) - math.log(n)
+        terms.append(log_q_own - log_q_marginal)
+        if prior is not None:
+            log_p = prior.log_prob(zc.to(mu.dtype)).double()  # (B,)
+            marginal_terms.append(log_q_marginal - log_p)
     per_image = torch.cat(terms).reshape(num_samples, n).mean(0)  # (N,)
     mutual_info = float(per_image.mean())
     se = float(per_image.std() / math.sqrt(n)) if n > 1 else math.nan
-    avg_kl = float(kl_per_dimension(mu64, lv64).sum())
+    if prior is None:
+        avg_kl = float(kl_per_dimension(mu64, lv64).sum())
+        marginal_kl, marginal_se = avg_kl - mutual_info, None
+    else:
+        marginal = torch.cat(marginal_terms).reshape(num_samples, n).mean(0)  # (N,)
+        marginal_kl = float(marginal.mean())
+        marginal_se = float(marginal.std() / math.sqrt(n)) if n > 1 else math.nan
+        avg_kl = mutual_info + marginal_kl
     return ElboSurgery(
         avg_kl=avg_kl,
         mutual_info=mutual_info,
-        marginal_kl=avg_kl - mutual_info,
+        marginal_kl=marginal_kl,
         mutual_info_se=se,
         n_images=int(n),
         num_samples=int(num_samples),
+        sampled_kl=prior is not None,
+        marginal_kl_se=marginal_se,
     )

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
 from ppl_vae.elbo import bernoulli_log_prob, linear_bernoulli_log_prob
@@ -43,11 +44,14 @@ def vae_log_weights(
     likelihood: str = "bernoulli",
     sigma: float | None = None,
     moments: tuple[Tensor, Tensor] | None = None,
+    prior: Distribution | None = None,
 ) -> Tensor:
-    """log w = log p(x | z) + log N(z; 0, I) - log q(z | x) at z = mu(x) + sigma(x) eps.
+    """log w = log p(x | z) + log p(z) - log q(z | x) at z = mu(x) + sigma(x) eps.
 
     :param x: (B, D) images; :param eps: (K, B, z_dim) standard normal noise.
     :param moments: (mu, log_var) of q(z | x) when already computed (they are per image).
+    :param prior: p(z) when learned (event shape (z_dim,), e.g. ``VAE.prior_distribution()``);
+        ``None``: N(0, I).
     :returns: (K, B) log-weights.
     """
     mu, log_var = encoder(x) if moments is None else moments  # (B, z_dim) each
@@ -60,9 +64,11 @@ def vae_log_weights(
     else:
         # the model's own likelihood, not a copy
         log_px = observation(decoder, z, likelihood, sigma).log_prob(x)  # (K, B)
-    # log N(z; 0, I) - log N(z; mu, sigma^2) = -z^2/2 + eps^2/2 + sum(log sigma); 2 pi cancels.
-    log_prior_ratio = 0.5 * (eps.square() - z.square()).sum(-1) + 0.5 * log_var.sum(-1)
-    return log_px + log_prior_ratio
+    # log q(z | x) = -eps^2/2 - sum(log sigma) - (z_dim/2) log 2 pi.
+    neg_log_q = 0.5 * eps.square().sum(-1) + 0.5 * log_var.sum(-1)
+    if prior is None:  # log N(z; 0, I): the 2 pi terms cancel
+        return log_px + neg_log_q - 0.5 * z.square().sum(-1)
+    return log_px + neg_log_q + 0.5 * z.shape[-1] * _LOG_2PI + prior.log_prob(z)
 
 
 def vae_iwae(
@@ -76,8 +82,10 @@ def vae_iwae(
     chunk_size: int = 100,
     batch_size: int = 20,
     progress: bool = False,
+    prior: Distribution | None = None,
 ) -> Tensor:
-    """The K-sample IWAE bound of the Gaussian VAE, per image ((N,) tensor, nats).
+    """The K-sample IWAE bound of the Gaussian VAE, per image ((N,) tensor, nats); ``prior``
+    as in :func:`vae_log_weights`.
 
     Memory is one (chunk_size, batch_size, D) block at a time whatever K and N are: the
     default 2,000 decoder rows (6 MB at D = 784) keep the matrix products efficient on a CPU
@@ -101,7 +109,14 @@ def vae_iwae(
                 k = min(chunk_size, num_samples - first)
                 eps = torch.randn(k, x.shape[0], z_dim, device=x.device, dtype=x.dtype)
                 log_w = vae_log_weights(
-                    encoder, decoder, x, eps, likelihood=likelihood, sigma=sigma, moments=moments
+                    encoder,
+                    decoder,
+                    x,
+                    eps,
+                    likelihood=likelihood,
+                    sigma=sigma,
+                    moments=moments,
+                    prior=prior,
                 )
                 running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
             out.append(running - math.log(num_samples))

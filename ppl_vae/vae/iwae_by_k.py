@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Distribution
 
 from ppl_vae.rng import forked_rng
 from ppl_vae.vae.iwae import vae_log_weights
@@ -52,6 +53,7 @@ def _log_weights(
     chunk_size: int,
     likelihood: str,
     sigma: float | None,
+    prior: Distribution | None,
 ) -> Tensor:
     """(k_max, B) log-weights of the images ``x`` (B, D) in float64, ``chunk_size`` draws of
     eps at a time; the encoder runs once."""
@@ -70,6 +72,7 @@ def _log_weights(
                 likelihood=likelihood,
                 sigma=sigma,
                 moments=moments,
+                prior=prior,
             ).double()
         )
     return torch.cat(blocks)
@@ -93,6 +96,7 @@ def iwae_curve(
     seed: int | None = 0,
     chunk_size: int = 500,
     batch_size: int = 20,
+    prior: nn.Module | None = None,
 ) -> IwaeCurve:
     """The IWAE bound of a Gaussian VAE against the number of importance samples K.
 
@@ -104,6 +108,7 @@ def iwae_curve(
 
     :param seed: seeds torch for the draws (the caller's random state is restored); ``None``
         draws from the global state as it is.
+    :param prior: a learned prior module (``VAE.prior``); ``None``: N(0, I).
     """
     ks = tuple(sorted({int(k) for k in ks}))
     if not ks or ks[0] < 1:
@@ -117,9 +122,10 @@ def iwae_curve(
     elbo_parts: list[Tensor] = []
     seeded = forked_rng(images.device, seed) if seed is not None else contextlib.nullcontext()
     with seeded, torch.no_grad():
+        p_z = None if prior is None else prior.distribution(encoder)
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size]  # (B, D)
-            log_w = _log_weights(encoder, decoder, x, k_max, chunk_size, likelihood, sigma)
+            log_w = _log_weights(encoder, decoder, x, k_max, chunk_size, likelihood, sigma, p_z)
             elbo_parts.append(log_w.mean(0).cpu())
             for i, k in enumerate(ks):
                 m = k_max // k

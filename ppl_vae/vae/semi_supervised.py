@@ -152,6 +152,8 @@ def build_m2(config: VAEConfig, m2: M2Config, num_classes: int, num_train: int) 
         raise DataError(f"M2 has MLP networks only; --arch {config.arch} is not available for it")
     if config.likelihood == "gaussian" and config.sigma is None:
         raise DataError("M2 with a Gaussian likelihood needs a fixed --sigma (none is learned)")
+    if config.prior != "normal":
+        raise DataError(f"M2's z has the prior N(0, I); --prior {config.prior} is for --model vae")
     x_dim = math.prod(config.image_shape)
     classifier, encoder, decoder = make_ss_networks(
         x_dim, config.z_dim, num_classes, config.hidden, config.activation, config.image_shape
