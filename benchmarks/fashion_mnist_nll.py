@@ -102,7 +102,7 @@ def _configs(row: str, args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig
 def run_row(row: str, args: argparse.Namespace) -> dict:
     """Train one row (resuming its folder when it holds a stopped run) and evaluate it."""
     vae, train = _configs(row, args)
-    out = Path(args.out) / row.replace(":", "-")
+    out = Path(args.out) / f"{row.replace(':', '-')}_{args.epochs}ep"
     start = time.perf_counter()
     if (out / "checkpoints" / "last.ckpt").exists():
         run = resume_run(out, threads=args.threads)
@@ -124,6 +124,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         "objective": train.objective,
         "arch": vae.arch,
         "prior": vae.prior,
+        "budget_epochs": args.epochs,
+        "patience": args.patience,
         "epochs": len(run.history),
         "warmup_epochs": args.warmup_epochs if train.objective == "elbo" else 0,
         "best_epoch": best["epoch"],
@@ -151,7 +153,8 @@ def table(rows: list[dict]) -> str:
     lines = [
         [
             r["row"],
-            f"{r['epochs']} (best {r['best_epoch']}; warm-up {r['warmup_epochs']})",
+            f"{r['epochs']} of {r.get('budget_epochs', r['epochs'])} (best {r['best_epoch']}; "
+            f"warm-up {r['warmup_epochs']})",
             f"{r['train_seconds_per_epoch']:.1f} s/epoch, eval {r['eval_seconds'] / 60:.1f} min",
             f"{r['test_log_px_iwae']:.2f} ± {r['test_log_px_iwae_se']:.2f}",
             f"{r['test_elbo']:.2f} ± {r['test_elbo_se']:.2f}",
@@ -172,15 +175,20 @@ def table(rows: list[dict]) -> str:
     return markdown_table(headers, lines)
 
 
+def _key(row: str, budget: int) -> tuple[str, int]:
+    """A row is its variant at its budget: the same variant trained longer is another row."""
+    return row, int(budget)
+
+
 def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = Path(args.results)
     rows = [] if args.fresh or not results.exists() else json.loads(results.read_text())["rows"]
-    done = {r["row"] for r in rows}
+    done = {_key(r["row"], r.get("budget_epochs", r["epochs"])) for r in rows}
     print(hardware(), flush=True)
     for row in args.rows:
-        if row in done:
+        if _key(row, args.epochs) in done:
             continue
         rows.append(run_row(row, args))
         results.parent.mkdir(parents=True, exist_ok=True)
