@@ -63,7 +63,12 @@ def run_ppl_vae(data, n_labels: int, args: argparse.Namespace) -> dict:
         progress=False,
         threads=args.threads,
     )
-    m2 = M2Config(labels=n_labels, alpha=args.alpha, labelled_batch=args.labelled_batch)
+    m2 = M2Config(
+        labels=n_labels,
+        alpha=args.alpha,
+        labelled_batch=args.labelled_batch,
+        labelled_weight=args.labelled_weight,
+    )
     with tempfile.TemporaryDirectory() as out:
         run = train_run(out, vae, train, m2=m2)
         evaluation = evaluate_m2(
@@ -240,6 +245,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--labelled-batch", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=None, help="default: ppl-vae's")
+    parser.add_argument(
+        "--labelled-weight",
+        type=float,
+        default=None,
+        help="ppl-vae's weight of each labelled image in its batch (default: once an epoch)",
+    )
     parser.add_argument("--beta", type=float, default=1.0, help="ppl-vae's KL weight of z")
     parser.add_argument("--classifier-steps", type=int, default=3000)
     parser.add_argument("--classifier-batch", type=int, default=64)

@@ -81,6 +81,36 @@ def test_each_batch_mixes_both_kinds_and_an_epoch_counts_each_labelled_image_onc
     assert all(torch.equal(a, b) for a, b in zip(perm, again, strict=True))
 
 
+def test_a_given_labelled_weight_weighs_each_labelled_image_in_its_batch():
+    """labelled_weight=1: every labelled row of every batch weighs 1, so an epoch counts the
+    labelled set steps * m_l times in all (each image steps * m_l / N_l times), and the
+    images a step stands for are simply its rows. The M2 setting reads and writes as
+    before when it is not set."""
+    n, n_l, batch, m_l = 103, 10, 16, 4
+    labels = torch.full((n,), -1)
+    labels[torch.arange(0, n, 10)[:n_l]] = 1
+    order = BatchOrder(
+        torch.rand(n, 3),
+        batch_size=batch,
+        seed=0,
+        device=torch.device("cpu"),
+        dynamic_binarize=False,
+        labels=labels,
+        labelled_batch=m_l,
+        labelled_weight=1.0,
+    )
+    perm = order.permutation(1)
+    batches = [order.batch(perm, i) for i in range(order.steps_per_epoch)]
+    assert all(b.kwargs["labelled_weight"] == 1.0 for b in batches)
+    assert sum(b.images for b in batches) == (n - n_l) + order.steps_per_epoch * m_l
+    assert "labelled_weight" not in M2Config(labels=10).to_dict()
+    assert (
+        M2Config.from_dict(M2Config(labels=10, labelled_weight=1.0).to_dict()).labelled_weight == 1
+    )
+    with pytest.raises(ValueError, match="labelled_weight must be a finite number > 0"):
+        M2Config(labels=10, labelled_weight=0.0)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load("digits", binarize="dynamic", seed=0)

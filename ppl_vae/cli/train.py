@@ -179,8 +179,17 @@ _M2_FLAGS = (
         M2Config,
         "labelled_batch",
         "with --model m2: labelled images added to each batch of --batch-size unlabelled ones, "
-        "weighted to count once per epoch (default: {default})",
+        "weighted to count once per epoch unless --labelled-weight (default: {default})",
         metavar="M",
+    ),
+    ConfigFlag(
+        M2Config,
+        "labelled_weight",
+        "with --model m2: the weight W of each labelled image in its batch (1: as much as an "
+        "unlabelled one, as most M2 code does; the labelled set then weighs more than once "
+        "an epoch) (default: {default})",
+        metavar="W",
+        none="once per epoch",
     ),
 )
 _RUN_FLAGS = (

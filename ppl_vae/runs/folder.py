@@ -160,7 +160,11 @@ def _train(
     if isinstance(vae, M2):
         train_subset = (sections.get("data") or {}).get("train_subset")
         labels = training_labels(data, vae.m2, train_config.seed, train_subset)
-        labelled = {"train_labels": labels, "labelled_batch": vae.m2.labelled_batch}
+        labelled = {
+            "train_labels": labels,
+            "labelled_batch": vae.m2.labelled_batch,
+            "labelled_weight": vae.m2.labelled_weight,
+        }
     history = fit(
         vae.model,
         vae.guide,

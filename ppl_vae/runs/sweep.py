@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ppl_vae.atomic import json_ready, write_atomically, write_json
 
 if TYPE_CHECKING:  # imported where used: the CLI builds its parser without them
@@ -197,7 +199,9 @@ def _sweep_row(
     from ppl_vae.vae import elbo_surgery, posterior_moments
 
     images = run.dataset.test.images[:test_images] if test_images else run.dataset.test.images
-    surgery = elbo_surgery(*posterior_moments(run.vae.encoder, images))
+    with torch.no_grad():
+        prior = run.vae.prior_distribution()  # None for N(0, I), the sweep's own prior
+        surgery = elbo_surgery(*posterior_moments(run.vae.encoder, images), prior=prior)
     return SweepRow(
         beta=beta,
         rate=result.rate,

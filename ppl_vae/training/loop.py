@@ -87,6 +87,7 @@ def fit(
     handle_signals: bool = True,
     train_labels: Tensor | None = None,
     labelled_batch: int = 32,
+    labelled_weight: float | None = None,
 ) -> History:
     """Train ``(model, guide)`` on ``train_images`` by SVI and return the per-epoch history.
 
@@ -123,8 +124,9 @@ def fit(
     :param train_labels: semi-supervised training: ``(N,)`` int64 labels, -1 where unknown.
         Each step then also passes ``y=`` (the batch's labels) and, when both kinds are
         present, ``labelled_weight=``: a batch is ``batch_size`` unlabelled images plus
-        ``labelled_batch`` labelled ones, weighted to count once per epoch
-        (:mod:`~ppl_vae.training.order`); use an ELBO that sums the label out (``"enum"``).
+        ``labelled_batch`` labelled ones, weighted to count once per epoch, or each by
+        ``labelled_weight`` when given (:mod:`~ppl_vae.training.order`); use an ELBO that sums
+        the label out (``"enum"``).
     :raises TrainingDivergedError: when the loss or a gradient becomes NaN or infinite,
         naming the step and the site (or parameter); the last good checkpoint stays.
     :raises TrainingInterrupted: after SIGINT/SIGTERM, once ``last.ckpt`` is written.
@@ -162,7 +164,7 @@ def fit(
             kwargs=dict(step_kwargs or {}),
             beta_schedule=beta_schedule,
             stop=stop,
-            labels=(train_labels, labelled_batch),
+            labels=(train_labels, labelled_batch, labelled_weight),
         )
         return loop.run(checkpoint)
 
@@ -185,7 +187,7 @@ class _Loop:
         kwargs: dict[str, Any],
         beta_schedule: Callable[[int], float] | None,
         stop: StopFlag,
-        labels: tuple[Tensor | None, int] = (None, 0),
+        labels: tuple[Tensor | None, int, float | None] = (None, 0, None),
     ) -> None:
         self.config, self.modules, self.files = config, modules, files
         self.kwargs, self.stop, self.device = kwargs, stop, device
@@ -210,6 +212,7 @@ class _Loop:
             dynamic_binarize=dynamic_binarize,
             labels=labels[0],
             labelled_batch=labels[1],
+            labelled_weight=labels[2],
         )
         self.steps_per_epoch = self.order.steps_per_epoch
         # Validation and the divergence diagnosis get the plain pair: the ELBO.

@@ -10,7 +10,10 @@ an epoch is one pass over the N_u unlabelled images, ``batch_size`` a step, and 
 also takes ``labelled_batch`` = m_l labelled images from a run of fresh permutations of the
 N_l labelled ones, each weighted by w = N_l / (steps * m_l): summed over an epoch, the
 labelled terms count every labelled image once in expectation, as the full-data objective
-does, however often a small labelled set is shown.
+does, however often a small labelled set is shown. A given ``labelled_weight`` replaces w:
+1 weighs each labelled image in a batch as much as an unlabelled one, so a small labelled
+set, shown many times an epoch, weighs N_u m_l / (batch_size N_l) times more than the
+full-data objective says (what most M2 implementations do, batch by batch).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class BatchOrder:
         dynamic_binarize: bool,
         labels: Tensor | None = None,
         labelled_batch: int = 0,
+        labelled_weight: float | None = None,
     ) -> None:
         self.images = images
         self.n = int(images.shape[0])
@@ -72,7 +76,11 @@ class BatchOrder:
         if self.mixed:
             self.labelled_batch = labelled_batch
             self.steps_per_epoch = math.ceil(n_u / batch_size)
-            self.weight = n_l / (self.steps_per_epoch * labelled_batch)
+            self.weight = (
+                n_l / (self.steps_per_epoch * labelled_batch)
+                if labelled_weight is None
+                else float(labelled_weight)
+            )
             self._labelled_perms = math.ceil(self.steps_per_epoch * labelled_batch / n_l)
         else:
             self.steps_per_epoch = math.ceil(self.n / batch_size)

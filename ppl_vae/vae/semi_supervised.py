@@ -57,12 +57,16 @@ def default_alpha(num_train: int, num_labelled: int) -> float:
 class M2Config:
     """What M2 adds to a VAE run: how many training images keep their label (drawn per class,
     balanced, from the run's seed), the weight ``alpha`` of the classification term per
-    labelled image (``None``: :func:`default_alpha`, N / N_labelled), and how many labelled
-    images each training batch holds (each then weighted so that an epoch counts it once)."""
+    labelled image (``None``: :func:`default_alpha`, N / N_labelled), how many labelled
+    images each training batch holds, and the weight of each in its batch
+    (``labelled_weight``; ``None``: such that an epoch counts it once; 1: as much as an
+    unlabelled image, the labelled set weighing more the more often it is shown). alpha
+    multiplies the labelled weight: per batch the classification term is alpha * w * log q."""
 
     labels: int = 1000
     alpha: float | None = None
     labelled_batch: int = 32
+    labelled_weight: float | None = None  # None: each labelled image counts once an epoch
 
     def __post_init__(self) -> None:
         if self.labels < 1:
@@ -71,9 +75,17 @@ class M2Config:
             raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha}")
         if self.labelled_batch < 1:
             raise ValueError(f"labelled_batch must be >= 1, got {self.labelled_batch}")
+        weight = self.labelled_weight
+        if weight is not None and not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"labelled_weight must be a finite number > 0, got {weight}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain values; ``labelled_weight`` (added later) only when set, so runs saved
+        before it existed keep their configuration digest."""
+        values = asdict(self)
+        if values["labelled_weight"] is None:
+            del values["labelled_weight"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> M2Config:
