@@ -81,7 +81,7 @@ def test_sample_writes_class_rows_and_report_runs(m2_run, capsys):
 def test_m2_flags_need_the_model_and_resume_keeps_it(m2_run, tmp_path, capsys):
     code = main(["train", "--labels", "20", "--dataset", "digits", "--out", str(tmp_path / "x")])
     assert code == 2
-    assert "apply to --model m2 only" in capsys.readouterr().err
+    assert "--labels applies to --model m2 only" in capsys.readouterr().err
     assert main(["train", "--resume", str(m2_run), "--model", "vae"]) == 5
     assert "it is a m2 run" in capsys.readouterr().err
     assert main(["train", "--resume", str(m2_run), "--labels", "40"]) == 5

@@ -251,7 +251,8 @@ def _m2_config(args: argparse.Namespace) -> M2Config | None:
     ]
     if (args.model or "vae") == "vae":
         if given:
-            raise ValueError(f"{', '.join(given)} apply to --model m2 only")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} {verb} to --model m2 only")
         return None
     return build_config(M2Config, args, _M2_FLAGS)
 
