@@ -205,3 +205,25 @@ def test_the_mixture_prior_trains_through_fit():
     )
     assert not torch.equal(prior.loc.detach(), start)
     assert all(math.isfinite(r["val_kl"]) and r["val_kl"] > 0 for r in history)
+
+
+def test_resume_takes_the_defaults_of_settings_a_run_predates(tmp_path):
+    """A run folder written before --prior / --objective existed (its config.json lacks them)
+    resumes when those are asked for at their defaults, what it ran with; another value is
+    a named difference."""
+    from ppl_vae.errors import ConfigMismatchError
+    from ppl_vae.runs import resume_run
+
+    pyro.clear_param_store()
+    vae = VAEConfig(dataset="digits", z_dim=2, hidden=(16,))
+    train = TrainConfig(epochs=1, batch_size=128, progress=False, device="cpu", threads=1)
+    run = train_run(tmp_path, vae, train)
+    config = json.loads((run.path / "config.json").read_text())
+    for key in ("objective", "patience"):
+        del config["train"][key]
+    assert "prior" not in config["vae"]
+    (run.path / "config.json").write_text(json.dumps(config))
+    defaults = {"vae": {"prior": "normal"}, "train": {"objective": "elbo"}}
+    assert len(resume_run(run.path, expect=defaults).history) == 1
+    with pytest.raises(ConfigMismatchError, match=r"vae\.prior: saved 'normal', asked 'vamp:3'"):
+        resume_run(run.path, expect={"vae": {"prior": "vamp:3"}})

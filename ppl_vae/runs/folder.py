@@ -15,6 +15,7 @@ from ``checkpoints/last.ckpt``, to the same final parameters as a run never stop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -192,6 +193,16 @@ def _build(sections: dict[str, Any], data: Dataset, num_train: int) -> VAE | M2:
     return build_vae(VAEConfig.from_dict(sections["vae"]))
 
 
+def _with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run's configuration with the settings it predates at their defaults (what it ran
+    with), so that asking for a default on resume is no difference."""
+    filled = dict(settings)
+    for section, config in (("vae", VAEConfig), ("train", TrainConfig), ("m2", M2Config)):
+        if isinstance(settings.get(section), dict):
+            filled[section] = {**dataclasses.asdict(config()), **settings[section]}
+    return filled
+
+
 def run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The plain-JSON ``config.json`` of a run folder.
 
@@ -243,7 +254,7 @@ def resume_run(
     path = Path(path)
     settings = run_config(path)
     if expect:
-        differences = config_differences(settings, expect, partial=True)
+        differences = config_differences(_with_defaults(settings), expect, partial=True)
         if differences:
             raise ConfigMismatchError(
                 f"cannot resume {path} with another configuration: {'; '.join(differences)}. "
