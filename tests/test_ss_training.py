@@ -39,13 +39,9 @@ def test_balanced_draw_per_class_from_the_seed():
         balanced_labelled_subset(labels, 320, seed=0)
 
 
-def test_each_batch_mixes_both_kinds_and_an_epoch_counts_each_labelled_image_once():
-    n, n_l, batch, m_l = 103, 10, 16, 4
-    images = torch.rand(n, 3)
-    labels = torch.full((n,), -1)
-    labelled = torch.arange(0, n, 10)[:n_l]
-    labels[labelled] = torch.arange(n_l) % 3
-    order = BatchOrder(
+def _order(images, labels, batch, m_l, **settings):
+    """The batch order of a mixed set on the CPU, seed 0, no binarisation."""
+    return BatchOrder(
         images,
         batch_size=batch,
         seed=0,
@@ -53,7 +49,17 @@ def test_each_batch_mixes_both_kinds_and_an_epoch_counts_each_labelled_image_onc
         dynamic_binarize=False,
         labels=labels,
         labelled_batch=m_l,
+        **settings,
     )
+
+
+def test_each_batch_mixes_both_kinds_and_an_epoch_counts_each_labelled_image_once():
+    n, n_l, batch, m_l = 103, 10, 16, 4
+    images = torch.rand(n, 3)
+    labels = torch.full((n,), -1)
+    labelled = torch.arange(0, n, 10)[:n_l]
+    labels[labelled] = torch.arange(n_l) % 3
+    order = _order(images, labels, batch, m_l)
     steps = math.ceil((n - n_l) / batch)
     assert order.steps_per_epoch == steps
     perm = order.permutation(1)
@@ -89,16 +95,7 @@ def test_a_given_labelled_weight_weighs_each_labelled_image_in_its_batch():
     n, n_l, batch, m_l = 103, 10, 16, 4
     labels = torch.full((n,), -1)
     labels[torch.arange(0, n, 10)[:n_l]] = 1
-    order = BatchOrder(
-        torch.rand(n, 3),
-        batch_size=batch,
-        seed=0,
-        device=torch.device("cpu"),
-        dynamic_binarize=False,
-        labels=labels,
-        labelled_batch=m_l,
-        labelled_weight=1.0,
-    )
+    order = _order(torch.rand(n, 3), labels, batch, m_l, labelled_weight=1.0)
     perm = order.permutation(1)
     batches = [order.batch(perm, i) for i in range(order.steps_per_epoch)]
     assert all(b.kwargs["labelled_weight"] == 1.0 for b in batches)

@@ -19,7 +19,6 @@ share.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -178,8 +177,9 @@ def evaluate(
         if encoder is not None:
             code = _code(encoder, images, max(elbo_batch, 2), per_dimension=not kl_sampled)
     seconds = time.perf_counter() - start_time
-    result = _record(images, recon, kl, iwae_per_image, code, iwae_samples, elbo_particles, seconds)
-    return dataclasses.replace(result, kl_sampled=kl_sampled)
+    return _record(
+        images, recon, kl, iwae_per_image, code, iwae_samples, elbo_particles, seconds, kl_sampled
+    )
 
 
 def _code(
@@ -205,6 +205,7 @@ def _record(
     iwae_samples: int,
     elbo_particles: int,
     seconds: float,
+    kl_sampled: bool,
 ) -> Evaluation:
     """The :class:`Evaluation` of the per-image terms: means, standard errors, the gap."""
     n, d = images.shape
@@ -231,6 +232,7 @@ def _record(
         elbo_particles=int(elbo_particles),
         seconds=seconds,
         device=str(images.device),
+        kl_sampled=kl_sampled,
         elbo_per_image=elbo_per_image,
         iwae_per_image=iwae_per_image,
     )

@@ -16,6 +16,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from ppl_vae.elbo import parse_objective
+
 __all__ = ["particles_figure", "training_curves_figure"]
 
 
@@ -104,9 +106,9 @@ def _warmup_spans(
 
 
 def _objective_label(objective: str) -> str:
-    if objective == "elbo":
+    kind, k = parse_objective(objective)
+    if kind == "elbo":
         return "training objective (beta)"
-    kind, _, k = objective.partition(":")
     return f"training objective ({k}-sample IWAE bound, {kind})"
 
 
