@@ -32,6 +32,7 @@ __all__ = [
     "ConfigMismatchError",
     "DataError",
     "DatasetNotFoundError",
+    "EngineFallbackWarning",
     "EstimatorError",
     "ModelGuideMismatchError",
     "NotEnumerableError",
@@ -164,3 +165,7 @@ class UserFileError(PplVaeError, ValueError):
 class PairExecutionError(PplVaeError, RuntimeError):
     """The user's model or guide raised while being traced; the message names which and the
     original error (often a guide value outside the model's support, or wrong arguments)."""
+
+
+class EngineFallbackWarning(UserWarning):
+    """The compiled engine could not capture a pair's step and training goes on eagerly."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import matplotlib
 import pyro
 
 from ppl_vae.cli import check, demo, download, evaluate, lessons, report, sample, sweep, train
-from ppl_vae.errors import EXIT_INPUT, PplVaeError, TrainingInterrupted
+from ppl_vae.errors import EXIT_INPUT, EngineFallbackWarning, PplVaeError, TrainingInterrupted
 
 __all__ = ["build_parser", "main"]
 
@@ -46,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     matplotlib.use("Agg")
     pyro.enable_validation(True)
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return args.handler(args)
     except TrainingInterrupted as stop:
         print(f"ppl-vae {args.command}: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -59,6 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"ppl-vae {args.command}: error: {_message(args, error)}", file=sys.stderr)
         return EXIT_INPUT
+
+
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` that prints the project's own warnings as one line."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, EngineFallbackWarning):
+            print(f"ppl-vae {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _message(args: argparse.Namespace, error: BaseException) -> str:

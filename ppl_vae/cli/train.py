@@ -32,7 +32,7 @@ from ppl_vae.cli.options import add_device_argument, add_no_progress_argument, a
 from ppl_vae.elbo import ELBOS, canonical_beta
 from ppl_vae.errors import ConfigMismatchError
 from ppl_vae.runs import TrainedRun, resume_run, run_config, train_run
-from ppl_vae.training import LR_SCHEDULES, PRECISIONS, TrainConfig
+from ppl_vae.training import ENGINES, LR_SCHEDULES, PRECISIONS, TrainConfig
 from ppl_vae.vae import ACTIVATIONS, ARCHITECTURES, M2Config, VAEConfig
 
 __all__ = ["TRAIN_EXIT_CODES", "add_parser"]
@@ -231,6 +231,7 @@ def _resume(args: argparse.Namespace) -> TrainedRun:
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
         data_dir=args.data_dir,
+        engine=args.engine,
     )
 
 
@@ -289,6 +290,7 @@ def _start(args: argparse.Namespace) -> TrainedRun:
         progress=not args.no_progress,
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
+        engine=args.engine or config_default(TrainConfig, "engine"),
         **elbo,
     )
     return train_run(
@@ -377,6 +379,25 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STEPS",
         help="also write checkpoints/last.ckpt every STEPS steps, so a killed run loses at "
         "most that many (default: at the end of each epoch)",
+    )
+    engine = parser.add_mutually_exclusive_group()
+    engine.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="eager: each step through Pyro's handlers; compiled: the step's loss and "
+        "gradients captured once per batch shape and replayed as a compiled graph (CUDA "
+        "graphs on a GPU), the same noise and numbers to float rounding, after a few seconds "
+        "of compiling per batch shape; a pair that cannot be captured trains eagerly after a "
+        f"warning (default: {config_default(TrainConfig, 'engine')}, or the run's own with "
+        "--resume)",
+    )
+    engine.add_argument(
+        "--compile",
+        dest="engine",
+        action="store_const",
+        const="compiled",
+        help="the same as --engine compiled",
     )
     parser.add_argument("--out", default=None, help="run folder to write, e.g. runs/NAME")
     parser.add_argument(

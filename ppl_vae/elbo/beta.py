@@ -41,8 +41,15 @@ __all__ = [
 ]
 
 
-def kl_scale(beta: float) -> Messenger:
-    """The handler that weights latent sites by ``beta`` (>= 0): wrap their ``pyro.sample``."""
+def kl_scale(beta: float | torch.Tensor) -> Messenger:
+    """The handler that weights latent sites by ``beta`` (>= 0): wrap their ``pyro.sample``.
+
+    A 0-d tensor beta (the compiled engine's, when it changes from step to step) scales
+    without a Python branch on its value: at 0 it multiplies the KL term by 0 instead of
+    masking it, which gives the same loss and gradients while the KL is finite."""
+    if isinstance(beta, torch.Tensor):
+        with pyro.validation_enabled(False):  # Pyro's check reads the value (and refuses 0)
+            return poutine.scale(scale=beta)
     if beta > 0:
         return poutine.scale(scale=beta)
     if beta == 0:

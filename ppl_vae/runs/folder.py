@@ -232,6 +232,7 @@ def resume_run(
     threads: int | None = None,
     checkpoint_every: int | None = None,
     data_dir: str | None = None,
+    engine: str | None = None,
 ) -> TrainedRun:
     """Continue a stopped run from ``checkpoints/last.ckpt`` with its own configuration
     (``config.json``) and data, to the same final parameters as a run never stopped (same
@@ -240,9 +241,9 @@ def resume_run(
 
     :param expect: settings the caller asks for, nested as in ``config.json`` (``{"vae":
         {"z_dim": 8}}``); any that differ from the run's own are refused.
-    :param device: run on another device (``device``, ``progress``, ``threads`` and
-        ``checkpoint_every`` may change; ``None`` keeps the saved value; ``config.json``
-        then records the new values).
+    :param device: run on another device (``device``, ``progress``, ``threads``,
+        ``checkpoint_every`` and ``engine`` may change; ``None`` keeps the saved value;
+        ``config.json`` then records the new values).
     :param data_dir: where the data set is now, when it moved (``config.json`` keeps the
         folder it was trained from).
     :raises ConfigMismatchError: listing every setting in ``expect`` that differs, or when
@@ -273,6 +274,7 @@ def resume_run(
         "progress": progress,
         "threads": threads,
         "checkpoint_every": checkpoint_every,
+        "engine": engine,
     }
     given = {key: value for key, value in runtime.items() if value is not None}
     train_config = _saved_train_config(settings, **given)

@@ -1,6 +1,7 @@
 """Training a pair with SVI: the configuration and history (config), the run's configuration
 as recorded, config.json and its digest in checkpoints (configuration), the device (device),
-the step (engine: differentiable_loss + one fused Adam), the data order (order), validation,
+the step (engine: differentiable_loss + one fused Adam; compiled: the step captured as a
+graph), the data order (order), validation,
 the divergence guard (guard), signals, what a checkpoint holds of the loop (state), the run's
 files (files: config.json and checkpoints; history: history.csv/json), the progress bar
 (progress), fit's argument checks (arguments) and the loop (loop: :func:`fit`).
@@ -11,6 +12,7 @@ below are the subpackage's API; the loop's parts are imported from their modules
 """
 
 from ppl_vae.training.config import (
+    ENGINES,
     HISTORY_COLUMNS,
     LR_SCHEDULES,
     PRECISIONS,
@@ -30,6 +32,7 @@ from ppl_vae.training.run_config import (
 
 __all__ = [
     "CONFIG_FILE",
+    "ENGINES",
     "HISTORY_COLUMNS",
     "LR_SCHEDULES",
     "PRECISIONS",

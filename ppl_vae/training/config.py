@@ -16,6 +16,7 @@ from typing import Any
 from ppl_vae.elbo import ELBOS, canonical_beta, parse_objective
 
 __all__ = [
+    "ENGINES",
     "HISTORY_COLUMNS",
     "LR_SCHEDULES",
     "PRECISIONS",
@@ -31,6 +32,10 @@ PRECISIONS = ("float32", "bfloat16")
 """Values of ``TrainConfig.precision``: the dtype of the networks' matrix products in training
 steps (``torch.autocast``); parameters, optimizer state, the ELBO's sums and validation stay
 float32."""
+
+ENGINES = ("eager", "compiled")
+"""Values of ``TrainConfig.engine``: each step through Pyro's handlers, or the step captured
+once per batch shape and replayed as a compiled graph (:mod:`ppl_vae.training.compiled`)."""
 
 HISTORY_COLUMNS = (
     "epoch",
@@ -49,13 +54,12 @@ HISTORY_COLUMNS = (
 )
 """Columns of a history row (and of ``history.csv``), in order; see :class:`History`."""
 
-RUNTIME_SETTINGS = ("device", "progress", "threads", "checkpoint_every")
+RUNTIME_SETTINGS = ("device", "progress", "threads", "checkpoint_every", "engine")
 """TrainConfig fields that may differ when a run is resumed: where and how it runs, not
-what it computes. (Other thread counts or devices can change the last bits of the result.)"""
+what it computes. (Other thread counts, devices or engines can change the last bits.)"""
 
-# Settings that no longer exist, with the one value saved configurations may still hold:
-# there was a second, reference engine; runs that used the one left still load.
-_REMOVED = {"engine": "fast"}
+# Values renamed since configurations were saved: the default engine was once called "fast".
+_RENAMED = {"engine": {"fast": "eager"}}
 
 
 def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -110,6 +114,10 @@ class TrainConfig:
         one particle, no free bits, ``elbo`` left at its default. Validation reports the ELBO.
     :param patience: stop early once this many epochs have passed without a better
         validation ELBO (``best.ckpt`` holds the best epoch); ``None``: run every epoch.
+    :param engine: ``"eager"`` (each step through Pyro's handlers) or ``"compiled"``: the
+        loss and its gradients captured once per batch shape and replayed as an inductor
+        graph (CUDA graphs on a GPU), the same noise and numbers to float rounding; a pair
+        that cannot be captured trains eagerly after a one-line warning. Not with Jit ELBOs.
     """
 
     epochs: int = 10
@@ -132,6 +140,7 @@ class TrainConfig:
     free_bits: float = 0.0
     objective: str = "elbo"
     patience: int | None = None
+    engine: str = "eager"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_particles", "max_plate_nesting"):
@@ -173,6 +182,13 @@ class TrainConfig:
             raise ValueError(
                 f"precision={self.precision!r} needs a non-Jit elbo, got elbo={self.elbo!r}"
             )
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {ENGINES}")
+        if self.engine == "compiled" and jit:
+            raise ValueError(
+                f"engine='compiled' captures the step itself; elbo={self.elbo!r} would trace it "
+                "a second time with torch.jit: use elbo='meanfield' or 'trace'"
+            )
         self._check_objective()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"TrainConfig.seed must be an integer >= 0, got {self.seed!r}")
@@ -209,15 +225,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``. ``engine="fast"``,
-        which configurations saved before that setting was removed hold, is read and dropped
-        (it names what every run now does)."""
+        which older configurations hold, reads as ``"eager"`` (its name now)."""
         values = dict(values)
-        for name, only in _REMOVED.items():
-            if name in values and values.pop(name) != only:
-                raise ValueError(
-                    f"TrainConfig.{name} no longer exists; only {name}={only!r} (what every run "
-                    "does) can still be read"
-                )
+        for name, renamed in _RENAMED.items():
+            if values.get(name) in renamed:
+                values[name] = renamed[values[name]]
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -2,6 +2,10 @@
 ``torch.optim.Adam`` over every parameter of Pyro's param store (with its learning-rate
 schedule), the forward pass optionally under ``torch.autocast``.
 
+With ``TrainConfig.engine = "compiled"`` the loss and its gradients come from graphs captured
+once per batch shape (:class:`~ppl_vae.training.compiled.CompiledStep`) after a first eager
+step (the one that runs Pyro's argument checks); a pair that cannot be captured trains eagerly.
+
 Each step descends the gradient of a Monte Carlo estimate of -L_beta(x), L_beta =
 E_q[log p(x | z)] - beta * KL(q || p); Adam's update is that of ``pyro.optim.Adam`` (one
 torch Adam per parameter, torch's defaults), fused into one kernel.
@@ -9,6 +13,7 @@ torch Adam per parameter, torch's defaults), fused into one kernel.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +25,9 @@ from torch import Tensor
 
 from ppl_vae.data import binarize
 from ppl_vae.elbo import FreeBits, elbo_by_name, objective_elbo
+from ppl_vae.errors import EngineFallbackWarning
 from ppl_vae.rng import forked_rng
+from ppl_vae.training.compiled import CaptureRefused, CompiledStep
 from ppl_vae.training.config import TrainConfig
 
 __all__ = ["Engine", "make_elbo"]
@@ -65,7 +72,8 @@ class Engine:
     validation and the divergence diagnosis). A Jit ELBO gets one ELBO object per batch
     shape: each compiles once, for its shape, so the last, smaller batch of an epoch is
     trained on like the others instead of being replayed through a trace made for another
-    size."""
+    size. ``beta_varies``: beta changes from step to step (a schedule); the compiled engine
+    then takes it as a tensor, an input of its graphs rather than a constant in them."""
 
     def __init__(
         self,
@@ -76,6 +84,7 @@ class Engine:
         kwargs: dict[str, Any],
         device: torch.device,
         binary: bool,
+        beta_varies: bool = False,
     ) -> None:
         if config.free_bits > 0:  # the training objective only
             free_bits = FreeBits(config.free_bits)
@@ -99,9 +108,25 @@ class Engine:
         # 0.65 M parameters on one CPU core; benchmarks/README.md).
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, fused=True)
         self.scheduler = _scheduler(self.optimizer, config)
+        self.compiled: CompiledStep | None = None
+        if config.engine == "compiled":
+            self.compiled = CompiledStep(self._loss, self.params, self.device)
+        self.beta_varies = beta_varies
+        self.eager_steps = 0  # the first runs eagerly, with Pyro's argument checks
+
+    def _loss(self, x: Tensor, **kwargs: Any) -> Tensor:
+        if self.autocast:  # the forward pass only; backward runs each op in its forward dtype
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
+        return self.elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
 
     def backward(self, x: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The step's loss, its gradients in ``.grad``; :meth:`update` applies them."""
+        if self.compiled is not None and self.eager_steps > 0:
+            loss = self._compiled_backward(self.compiled, x, kwargs)
+            if loss is not None:
+                return loss
+        self.eager_steps += 1
         elbo = self.elbo
         if self.jit:
             elbo = self.elbos.get(x.shape)
@@ -112,13 +137,33 @@ class Engine:
                 # what the plain ELBO draws, and a resumed run what the uninterrupted one did.
                 with forked_rng(self.device):
                     elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
-        if self.autocast:  # the forward pass only; backward runs each op in its forward dtype
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                loss = elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
-        else:
             loss = elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
+        else:
+            loss = self._loss(x, **kwargs)
         loss.backward()
         return loss.detach()
+
+    def _compiled_backward(
+        self, compiled: CompiledStep, x: Tensor, kwargs: dict[str, Any]
+    ) -> Tensor | None:
+        """The compiled step's loss, its gradients in ``.grad``; ``None`` (and eager from
+        now on, after a warning) when the step cannot be captured."""
+        if self.beta_varies and "beta" in kwargs:
+            beta = torch.tensor(kwargs["beta"], dtype=x.dtype, device=x.device)
+            kwargs = {**kwargs, "beta": beta}
+        try:
+            loss, grads = compiled(x, kwargs)
+        except CaptureRefused as refused:
+            warnings.warn(
+                f"engine='compiled': {refused}; training with the eager engine",
+                EngineFallbackWarning,
+                stacklevel=2,
+            )
+            self.compiled = None
+            return None
+        for param, grad in zip(self.params, grads, strict=True):
+            param.grad = grad
+        return loss
 
     def update(self, skip: Tensor | None = None) -> None:
         """Apply the gradients of the last :meth:`backward`, unless ``skip`` (a 0-d float32

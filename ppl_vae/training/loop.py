@@ -225,6 +225,7 @@ class _Loop:
             {**kwargs, "beta": config.beta if isinstance(config.beta, float) else 1.0},
             device,
             dynamic_binarize,
+            beta_varies=beta_schedule is not None or isinstance(config.beta, str),
         )
         self.validator = None
         if validation is not None:
