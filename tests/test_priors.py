@@ -30,6 +30,7 @@ from ppl_vae.vae import (
     parse_prior,
     vae_log_weights,
 )
+from ppl_vae.vae.priors import DiagonalGaussianMixture
 
 Z = 3
 
@@ -84,6 +85,35 @@ def test_vamp_prior_is_the_mixture_of_the_encoders_posteriors():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     with pytest.raises(ValueError, match="pass the encoder"):
         prior.distribution()
+
+
+def test_the_mixture_log_density_by_matrix_products_is_the_mixture_where_floats_cancel():
+    """Far from the origin with narrow components, (z - m)^2 / s^2 computed as z^2 p - 2 z m p
+    + m^2 p cancels by ~1e4: in float64 it still gives the brute-force mixture to 1e-9 nats,
+    broadcast by a Pyro plate as when the model samples z, and its gradient is torch's."""
+    gen = torch.Generator().manual_seed(3)
+    k, d = 6, 4
+    loc = 30 + torch.randn(k, d, generator=gen, dtype=torch.float64)
+    scale = 0.05 + 0.1 * torch.rand(k, d, generator=gen, dtype=torch.float64)
+    logits = torch.randn(k, generator=gen, dtype=torch.float64)
+    z = loc[torch.randint(k, (20,), generator=gen)] + 0.1 * torch.randn(20, d, generator=gen)
+    mixture = DiagonalGaussianMixture(
+        pyro.distributions.Categorical(logits=logits),
+        pyro.distributions.Normal(loc, scale).to_event(1),
+    )
+    weights = torch.softmax(logits, -1).numpy()
+    want = _brute_force_mixture(z.numpy(), weights, loc.numpy(), scale.numpy())
+    np.testing.assert_allclose(mixture.log_prob(z).numpy(), want, rtol=0, atol=1e-9)
+    expanded = mixture.expand(torch.Size([20]))  # what pyro.plate("data", 20) makes of it
+    np.testing.assert_allclose(expanded.log_prob(z).numpy(), want, rtol=0, atol=1e-9)
+    torch_mixture = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=logits),
+        torch.distributions.Independent(torch.distributions.Normal(loc, scale), 1),
+    )
+    zz = z.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(mixture.log_prob(zz).sum(), zz)
+    (want_grad,) = torch.autograd.grad(torch_mixture.log_prob(zz).sum(), zz)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("spec", ["mog:3", "vamp:4"])

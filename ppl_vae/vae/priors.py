@@ -5,9 +5,10 @@
 - ``"vamp:K"``: the VampPrior (Tomczak & Welling 2018), p(z) = (1/K) sum_k q(z | u_k), the
   encoder's own posteriors at K learned pseudo-inputs u_k (:class:`VampPrior`).
 
-Either gives ``distribution(encoder)``: a ``MixtureSameFamily`` with batch shape () and event
-shape (z_dim,), which Pyro's plates broadcast. KL(q(z | x) || p(z)) has no closed form for a
-mixture, so the ELBO's KL term is then sampled (Pyro falls back to log q - log p).
+Either gives ``distribution(encoder)``: a mixture with batch shape () and event shape
+(z_dim,) (:class:`DiagonalGaussianMixture`, its log-density by matrix products), which Pyro's
+plates broadcast. KL(q(z | x) || p(z)) has no closed form for a mixture, so the ELBO's KL term
+is then sampled (Pyro falls back to log q - log p).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-__all__ = ["PRIORS", "MixturePrior", "VampPrior", "make_prior", "parse_prior", "prior_name"]
+__all__ = [
+    "PRIORS",
+    "DiagonalGaussianMixture",
+    "MixturePrior",
+    "VampPrior",
+    "make_prior",
+    "parse_prior",
+    "prior_name",
+]
 
 PRIORS = ("normal", "mog:K", "vamp:K")
 """Values of ``VAEConfig.prior``: N(0, I), a learned mixture of K Gaussians, the VampPrior
@@ -51,9 +60,35 @@ def prior_name(spec: str) -> str:
     return {"normal": "N(0, I)", "mog": f"MoG({k})", "vamp": f"VampPrior({k})"}[kind]
 
 
+class DiagonalGaussianMixture(dist.MixtureSameFamily):
+    """sum_k pi_k N(z; m_k, diag(s_k^2)), its log-density by matrix products: with p = 1 / s^2,
+    sum_d (z_d - m_kd)^2 p_kd = (z * z) . p_k - 2 z . (m_k * p_k) + (m_k * m_k) . p_k.
+
+    ``MixtureSameFamily`` forms the (..., K, D) differences, which at K = 500 components and
+    5000 samples per image costs 2.5 s per image; two GEMMs cost 1/40 of that. The expansion
+    cancels, so it runs in float64 (error ~1e-12 relative, against ~1e-3 nats in float32)."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        base = self.component_distribution.base_dist
+        loc, scale, logits = base.loc, base.scale, self.mixture_distribution.logits
+        batch = len(self.batch_shape)
+        if batch:  # Pyro's plates broadcast one mixture: undo the expansion, else fall back
+            if any(t.stride()[i] != 0 for t in (loc, scale, logits) for i in range(batch)):
+                return super().log_prob(value)
+            loc, scale, logits = (t[(0,) * batch] for t in (loc, scale, logits))
+        v, m, s = value.double(), loc.double(), scale.double()
+        precision = s.pow(-2)  # (K, D)
+        quad = (v * v) @ precision.T - 2.0 * v @ (m * precision).T + (m * m * precision).sum(-1)
+        log_norm = -s.log().sum(-1) - 0.5 * m.shape[-1] * math.log(2.0 * math.pi)
+        log_weights = torch.log_softmax(logits.double(), -1)
+        return torch.logsumexp(log_weights + log_norm - 0.5 * quad, -1).to(value.dtype)
+
+
 def _mixture(logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> dist.Distribution:
     """sum_k softmax(logits)_k N(z; loc_k, diag(scale_k^2)): batch (), event (z_dim,)."""
-    return dist.MixtureSameFamily(
+    return DiagonalGaussianMixture(
         dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)
     )
 
