@@ -9,7 +9,8 @@ KL, batch 128 (the last batch of an epoch 96, its own compiled step), Adam 1e-3,
 The networks start from stax's own initialisation (Glorot normal weights), not torch's.
 
 Needs the ``peers`` extra (``pip install -e '.[peers]'``: jax, numpyro); the row is skipped with
-that message otherwise. XLA's CPU threads follow ``--threads`` (set before JAX is imported).
+that message otherwise. XLA's CPU threads follow ``--threads``: train_speed pins the process to
+that many cores before JAX is imported.
 """
 
 from __future__ import annotations
@@ -40,13 +41,11 @@ class NumPyroRow:
         if device.type != "cpu":
             self.skipped = "runs on the CPU here (jax's CPU build)"
             return
-        if self.threads > 0 and "jax" not in sys.modules:
+        if self.threads == 1 and "jax" not in sys.modules:
+            # One thread for Eigen's kernels; train_speed pins the process to --threads cores,
+            # which bounds XLA's own pool.
             flags = os.environ.get("XLA_FLAGS", "")
-            if self.threads == 1:
-                flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-            else:
-                flags += f" intra_op_parallelism_threads={self.threads}"
-            os.environ["XLA_FLAGS"] = flags.strip()
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
         try:
             import jax
             import jax.numpy as jnp

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import statistics
 import sys
 import time
@@ -1062,6 +1063,9 @@ def select_rows(spec: str) -> list[str]:
 
 def main(args: argparse.Namespace) -> None:
     if args.threads > 0:
+        # Every row on the same N cores, before any thread pool starts: XLA (NumPyro's) sizes
+        # its own pool from the cores it may use, whatever its flags say.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
         torch.set_num_threads(args.threads)
     NumPyroRow.threads = args.threads  # XLA's, set before JAX is first imported
     device = resolve_device(args.device)

@@ -41,7 +41,7 @@ __all__ = ["CaptureRefused", "CompiledStep"]
 
 # Inductor's random numbers come from its own Philox stream; the eager kernels keep the
 # default engine's draws.
-_INDUCTOR_OPTIONS = {"fallback_random": True}
+_INDUCTOR_OPTIONS: dict[str, Any] = {"fallback_random": True}
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -156,16 +156,18 @@ class CompiledStep:
         names = sorted(k for k, v in kwargs.items() if isinstance(v, Tensor))
         tensors = [x, *(kwargs[k] for k in names)]
         key = self._key(tensors, names, kwargs)
-        graph = self.graphs.get(key)
-        if graph is None:
+        captured = self.graphs.get(key)
+        if captured is None:
             started = time.perf_counter()
             try:
-                graph = self.graphs[key] = self._capture(tensors, names, kwargs)
+                captured = self.graphs[key] = self._capture(tensors, names, kwargs)
             finally:
                 self.setup_seconds += time.perf_counter() - started
+        graph, used = captured
         with torch.no_grad():
-            loss, grads = graph(self.inputs, tensors)
-        return loss, list(grads)
+            loss, *grads = graph(*self.inputs, *tensors)
+        found = iter(grads)
+        return loss, [next(found) if u else None for u in used]
 
     @staticmethod
     def _key(tensors: list[Tensor], names: list[str], kwargs: dict[str, Any]) -> Any:
@@ -190,39 +192,53 @@ class CompiledStep:
         def loss_of(x: Tensor, *values: Tensor) -> Tensor:
             return self.loss_of(x, **statics, **dict(zip(names, values, strict=True)))
 
-        def step(params: list[Tensor], tensors: list[Tensor]) -> Any:
-            loss = loss_of(*tensors)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            return loss.detach(), grads
+        count = len(self.params)
+
+        def grads_of(*flat: Tensor) -> tuple[Tensor | None, ...]:
+            loss = loss_of(*flat[count:])
+            return loss.detach(), *torch.autograd.grad(loss, flat[:count], allow_unused=True)
 
         with _pyro_without_host_reads(), pyro.validation_enabled(False):
             _refuse_value_reads(loss_of, tensors, self.params)
             # The capture runs the step for real: off the main stream, which the replays draw.
             with forked_rng(self.device):
-                graph = make_fx(step, tracing_mode="real")(self.params, tensors)
+                probe = grads_of(*self.params, *tensors)
+                used = [g is not None for g in probe[1:]]  # a parameter the loss never reads
+
+                def step(*flat: Tensor) -> tuple[Tensor, ...]:
+                    out = grads_of(*flat)
+                    return (out[0], *(g for g, u in zip(out[1:], used, strict=True) if u))
+
+                graph = make_fx(step, tracing_mode="real")(*self.params, *tensors)
         _check_graph(graph)
         if not self.inductor:
-            return graph
-        return self._compiled(graph, tensors)
+            return graph, used
+        return self._compiled(graph, tensors), used
 
     def _compiled(self, graph: torch.fx.GraphModule, tensors: list[Tensor]) -> Callable[..., Any]:
-        """The graph through inductor; checked once against its plain replay, from the same
-        random state, to float32 rounding of the loss."""
+        """The graph through inductor (``compile_fx``, torch.compile's backend, called on the
+        captured graph: no Python bytecode to guard, so no guards to check at each replay);
+        checked once against its plain replay, from the same random state, to float32
+        rounding of the loss."""
+        from torch._inductor import config
+        from torch._inductor.compile_fx import compile_fx
+
         options = dict(_INDUCTOR_OPTIONS)
         if self.device.type == "cuda":
             options["triton.cudagraphs"] = True
-        compiled = torch.compile(graph, fullgraph=True, dynamic=False, options=options)
         # A CUDA build of torch on a machine without CUDA logs that it looks for it.
         quiet = logging.getLogger("torch.utils.cpp_extension")
         level, quiet.level = quiet.level, logging.ERROR
+        try:
+            with config.patch(options), torch.no_grad():
+                compiled = compile_fx(graph, [*self.inputs, *tensors])
+        finally:
+            quiet.setLevel(level)
         with torch.no_grad(), forked_rng(self.device):
             state = _rng_state(self.device)
-            plain_loss, _ = graph(self.inputs, tensors)
+            plain_loss = graph(*self.inputs, *tensors)[0]
             _set_rng_state(self.device, state)
-            try:
-                fast_loss, _ = compiled(self.inputs, tensors)
-            finally:
-                quiet.setLevel(level)
+            fast_loss = compiled(*self.inputs, *tensors)[0]
         scale = max(1.0, float(plain_loss.abs()))
         if not abs(float(fast_loss) - float(plain_loss)) <= 1e-5 * scale:
             raise CaptureRefused(
