@@ -234,3 +234,28 @@ def test_a_nan_loss_from_the_compiled_step_stops_the_run(digits, replay_only, mo
             _run(digits, engine)
         messages.append(str(info.value))
     assert messages[0] == messages[1]
+
+
+def test_a_parameter_the_loss_never_reads_keeps_no_gradient(digits, replay_only):
+    """A param registered but unused: the eager step leaves its ``.grad`` None (Adam skips
+    it); the graph computes no gradient for it, and the rest trains bitwise as eagerly."""
+
+    def run(engine):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        encoder, decoder = make_networks(digits.image_shape, 4, (32,))
+        model = functools.partial(vae_model.model, decoder=decoder)
+
+        def guide(x, **kwargs):
+            pyro.param("unused", torch.ones(3))
+            vae_guide.guide(x, encoder=encoder, **kwargs)
+
+        config = TrainConfig(
+            epochs=1, batch_size=64, progress=False, threads=1, device="cpu", engine=engine
+        )
+        fit(model, guide, digits.train.images[:256], config=config, step_kwargs=NO_CHECKS)
+        return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    eager, compiled = run("eager"), run("compiled")
+    assert torch.equal(compiled["unused"], torch.ones(3))
+    assert _equal(eager, compiled)
