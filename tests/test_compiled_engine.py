@@ -259,3 +259,34 @@ def test_a_parameter_the_loss_never_reads_keeps_no_gradient(digits, replay_only)
     eager, compiled = run("eager"), run("compiled")
     assert torch.equal(compiled["unused"], torch.ones(3))
     assert _equal(eager, compiled)
+
+
+def test_sigterm_during_a_compiled_run_checkpoints_and_resumes_to_the_same_end(
+    digits, replay_only, tmp_path, monkeypatch
+):
+    """SIGTERM after the fifth update (a compiled step): the loop stops at that step
+    boundary with one checkpoint and exit code 143; resumed, it ends bitwise where the run
+    never stopped ends."""
+    import os
+    import signal
+
+    from ppl_vae.errors import TrainingInterrupted
+
+    expected, _ = _run(digits, "compiled")
+    update = Engine.update
+
+    def signalling(self, skip=None):
+        update(self, skip)
+        self.updates = getattr(self, "updates", 0) + 1
+        if self.updates == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Engine, "update", signalling)
+    with pytest.raises(TrainingInterrupted) as info:
+        _run(digits, "compiled", out_dir=tmp_path)
+    assert info.value.exit_code == 143
+    monkeypatch.setattr(Engine, "update", update)  # (undo() would also drop replay_only)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint.counters["step"] == 5
+    resumed, history = _run(digits, "compiled", out_dir=tmp_path, resume=checkpoint)
+    assert _equal(expected, resumed) and len(history) == 2

@@ -137,7 +137,7 @@ class CompiledStep:
     """d loss / d params as compiled graphs, one per batch shape and keyword values.
 
     ``loss_of(x, **kwargs)`` is the step's differentiable loss; ``params`` the tensors the
-    optimizer updates (the graphs read them in place, as the optimizer leaves them).
+    optimizer updates (the graphs read them as they are at each call).
     :meth:`__call__` returns ``(loss, grads)``, or raises :class:`CaptureRefused` on the
     first call for a shape that cannot be captured. With ``inductor = False`` the captured
     graphs are replayed as they are: bitwise the eager step (for checking a capture)."""
@@ -148,7 +148,6 @@ class CompiledStep:
         self, loss_of: Callable[..., Tensor], params: Sequence[Tensor], device: torch.device
     ) -> None:
         self.loss_of, self.params, self.device = loss_of, list(params), device
-        self.inputs = [p.detach() for p in self.params]  # same storage, no autograd
         self.graphs: dict[Any, Callable[..., Any]] = {}
         self.setup_seconds = 0.0  # capturing and compiling, all shapes so far
 
@@ -165,9 +164,14 @@ class CompiledStep:
                 self.setup_seconds += time.perf_counter() - started
         graph, used = captured
         with torch.no_grad():
-            loss, *grads = graph(*self.inputs, *tensors)
+            loss, *grads = graph(*self._inputs(), *tensors)
         found = iter(grads)
         return loss, [next(found) if u else None for u in used]
+
+    def _inputs(self) -> list[Tensor]:
+        """The parameters without autograd, taken anew at each call: a restore may give a
+        parameter new storage (``p.data = ...``), which a view made earlier would not see."""
+        return [p.detach() for p in self.params]
 
     @staticmethod
     def _key(tensors: list[Tensor], names: list[str], kwargs: dict[str, Any]) -> Any:
@@ -231,14 +235,14 @@ class CompiledStep:
         level, quiet.level = quiet.level, logging.ERROR
         try:
             with config.patch(options), torch.no_grad():
-                compiled = compile_fx(graph, [*self.inputs, *tensors])
+                compiled = compile_fx(graph, [*self._inputs(), *tensors])
         finally:
             quiet.setLevel(level)
         with torch.no_grad(), forked_rng(self.device):
             state = _rng_state(self.device)
-            plain_loss = graph(*self.inputs, *tensors)[0]
+            plain_loss = graph(*self._inputs(), *tensors)[0]
             _set_rng_state(self.device, state)
-            fast_loss = compiled(*self.inputs, *tensors)[0]
+            fast_loss = compiled(*self._inputs(), *tensors)[0]
         scale = max(1.0, float(plain_loss.abs()))
         if not abs(float(fast_loss) - float(plain_loss)) <= 1e-5 * scale:
             raise CaptureRefused(
