@@ -290,3 +290,25 @@ def test_sigterm_during_a_compiled_run_checkpoints_and_resumes_to_the_same_end(
     assert checkpoint.counters["step"] == 5
     resumed, history = _run(digits, "compiled", out_dir=tmp_path, resume=checkpoint)
     assert _equal(expected, resumed) and len(history) == 2
+
+
+def test_a_keyword_that_changes_every_step_is_refused_not_recompiled():
+    """A Python number that differs at every call would need a graph per step: after
+    MAX_GRAPHS graphs the step is refused, naming the keyword that changes."""
+    from ppl_vae.training.compiled import MAX_GRAPHS, CaptureRefused
+
+    pyro.clear_param_store()
+    loc = torch.zeros(3, requires_grad=True)
+
+    def loss_of(x, scale, check):
+        return ((x - loc) ** 2).sum() * scale
+
+    step = CompiledStep(loss_of, [loc], torch.device("cpu"))
+    step.inductor = False
+    x = torch.randn(4, 3)
+    for call in range(MAX_GRAPHS):
+        _, (grad,) = step(x, {"scale": 1.0 + call, "check": False})
+        torch.testing.assert_close(grad, -2 * (1.0 + call) * (x - loc).sum(0).detach())
+    with pytest.raises(CaptureRefused, match=r"keyword values \['scale'\] change"):
+        step(x, {"scale": 100.0, "check": False})
+    assert len(step.graphs) == MAX_GRAPHS

@@ -43,6 +43,9 @@ __all__ = ["CaptureRefused", "CompiledStep"]
 # default engine's draws.
 _INDUCTOR_OPTIONS: dict[str, Any] = {"fallback_random": True}
 _TORCH_DIR = os.path.dirname(torch.__file__)
+MAX_GRAPHS = 8
+"""Graphs kept per step (batch shapes x keyword values): a training run needs one or two; more
+means a value that changes every step, which would recompile at every step."""
 
 
 class CaptureRefused(Exception):
@@ -149,6 +152,7 @@ class CompiledStep:
     ) -> None:
         self.loss_of, self.params, self.device = loss_of, list(params), device
         self.graphs: dict[Any, Callable[..., Any]] = {}
+        self._values: dict[str, set[Any]] = {}  # each keyword's values met so far
         self.setup_seconds = 0.0  # capturing and compiling, all shapes so far
 
     def __call__(self, x: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, list[Tensor | None]]:
@@ -157,6 +161,15 @@ class CompiledStep:
         key = self._key(tensors, names, kwargs)
         captured = self.graphs.get(key)
         if captured is None:
+            for name, value in key[2]:
+                self._values.setdefault(name, set()).add(value)
+            if len(self.graphs) >= MAX_GRAPHS:
+                changing = sorted(k for k, values in self._values.items() if len(values) > 1)
+                raise CaptureRefused(
+                    f"the step needs a new graph at every call ({MAX_GRAPHS} so far): its "
+                    f"shapes or the keyword values {changing} change from step to step; pass a "
+                    "number that changes as a 0-d tensor"
+                )
             started = time.perf_counter()
             try:
                 captured = self.graphs[key] = self._capture(tensors, names, kwargs)
@@ -236,6 +249,11 @@ class CompiledStep:
         try:
             with config.patch(options), torch.no_grad():
                 compiled = compile_fx(graph, [*self._inputs(), *tensors])
+        except Exception as error:  # no C++ compiler, an operation inductor lacks, ...
+            reason = (str(error).strip().splitlines() or [""])[0][:160]
+            raise CaptureRefused(
+                f"inductor could not compile the captured step ({type(error).__name__}: {reason})"
+            ) from None
         finally:
             quiet.setLevel(level)
         with torch.no_grad(), forked_rng(self.device):
