@@ -107,7 +107,9 @@ def test_inductor_graph_matches_the_eager_run_to_float64_rounding(digits):
     and scale-free, so S = 8 steps move a parameter by at most S * lr * n * u = 3.6e-14;
     the test allows 100 times that for Adam's 1/sqrt(v) on the smallest gradients."""
     eager, _ = _run(digits, "eager", dtype=torch.float64)
-    compiled, _ = _run(digits, "compiled", dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineFallbackWarning)  # compiled, not fallen back
+        compiled, _ = _run(digits, "compiled", dtype=torch.float64)
     bound = 100 * 8 * 1e-2 * 64 * 64 * 1.1e-16
     worst = max(float((eager[k] - compiled[k]).abs().max()) for k in eager)
     assert worst <= bound
