@@ -95,6 +95,7 @@ def _configs(row: str, args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig
         device=args.device,
         progress=not args.no_progress,
         threads=args.threads,
+        engine=args.engine,
     )
     return vae, train
 
@@ -105,7 +106,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     out = Path(args.out) / f"{row.replace(':', '-')}_{args.epochs}ep"
     start = time.perf_counter()
     if (out / "checkpoints" / "last.ckpt").exists():
-        run = resume_run(out, threads=args.threads)
+        run = resume_run(out, threads=args.threads, engine=args.engine)
     else:
         run = train_run(out, vae, train)
     train_seconds = time.perf_counter() - start
@@ -246,6 +247,12 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--engine",
+        default="eager",
+        choices=("eager", "compiled"),
+        help="training engine (compiled: the step captured and replayed through inductor)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", default="runs/nll-bench", help="folder of the rows' runs")
     parser.add_argument("--results", default=str(RESULTS), help="JSON file of the rows")
