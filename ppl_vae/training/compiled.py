@@ -12,9 +12,11 @@ draws; only inductor's fused arithmetic can move the last bits.
 A step can be captured when its Python is a function of the batch's shapes and the non-tensor
 keyword values (both key the cache of graphs) and never reads a tensor's value: a first pass
 on fake tensors, which hold no values, finds such reads (``.item()``, ``if tensor:``) and the
-step is then refused with the place that reads. Pyro's own two reads (``warn_if_nan``'s check
-and ``torch_item``'s float copy of the loss) are lifted while capturing: the loop's guard
-checks every step's loss for NaN, and the copy stays a tensor.
+step is then refused with the place that reads. What no check can see is Python state of the
+pair's own (a counter it branches on, Python's or numpy's random numbers): as with Pyro's Jit
+ELBOs, the graph replays what that state was at capture. Pyro's own two reads
+(``warn_if_nan``'s check and ``torch_item``'s float copy of the loss) are lifted while
+capturing: the loop's guard checks every step's loss for NaN, and the copy stays a tensor.
 """
 
 from __future__ import annotations
