@@ -314,3 +314,25 @@ def test_a_keyword_that_changes_every_step_is_refused_not_recompiled():
     with pytest.raises(CaptureRefused, match=r"keyword values \['scale'\] change"):
         step(x, {"scale": 100.0, "check": False})
     assert len(step.graphs) == MAX_GRAPHS
+
+
+def test_the_command_line_compiles_and_says_a_fallback_in_one_line(tmp_path, capsys):
+    """``ppl-vae train --compile`` records engine="compiled" in config.json; with free bits
+    the step cannot be captured, and the command says so in one line, then trains eagerly."""
+    import json
+
+    from ppl_vae.cli.commands import main
+
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--threads", "1", "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", EngineFallbackWarning)  # as outside pytest
+        code = main([*args, "--compile", "--free-bits", "0.5", "--out", str(tmp_path / "a")])
+    assert code == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert len(lines) == 1 and lines[0].startswith("ppl-vae train: warning: engine='compiled'")
+    assert "elbo/beta.py" in lines[0] and "training with the eager engine" in lines[0]
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["train"]["engine"] == "compiled"
+    with pytest.raises(SystemExit):  # one or the other
+        main([*args, "--compile", "--engine", "eager", "--out", str(tmp_path / "b")])
