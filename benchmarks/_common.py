@@ -309,3 +309,17 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(
         [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
     )
+
+
+class PeerRow:
+    """The part of a ``train_speed`` row that a peer's re-implementation shares: its state is
+    its own (no param store to swap in and out around its epochs), and it may be skipped
+    after setup (``skipped`` says why: the peer is not installed)."""
+
+    skipped: str | None = None
+
+    def enter(self) -> None:
+        """Nothing to swap."""
+
+    def leave(self) -> None:
+        """Nothing to swap."""

@@ -22,18 +22,18 @@ import time
 from typing import Any
 
 import torch
+from _common import PeerRow
 from torch import Tensor
 
 X_DIM, HIDDEN, Z_DIM, BATCH, LR = 784, 400, 20, 128, 1e-3
 
 
-class NumPyroRow:
+class NumPyroRow(PeerRow):
     """A ``train_speed.Row``: setup, one epoch per call, the test ELBO."""
 
     key = "numpyro"
     label = "NumPyro SVI + TraceMeanField_ELBO, jit step"
     note = "stax networks, the step (gather, binarise, gradient, Adam) under jax.jit"
-    skipped: str | None = None
     threads = 1
     first_compile: float | None = None
 
@@ -87,12 +87,6 @@ class NumPyroRow:
 
         self.step = jax.jit(step, static_argnames="size")
         self.compiled_sizes: set[int] = set()
-
-    def enter(self) -> None:
-        """Nothing to swap: NumPyro's state is this row's own."""
-
-    def leave(self) -> None:
-        """Nothing to swap."""
 
     def epoch(self, index: int) -> dict[str, float]:
         jax, jnp = self.jax, self.jnp

@@ -17,18 +17,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import PeerRow
 from torch import Tensor, nn
 
 X_DIM, HIDDEN, Z_DIM, BATCH, LR = 784, 400, 20, 128, 1e-3
 
 
-class PythaeRow:
+class PythaeRow(PeerRow):
     """A ``train_speed.Row``: setup, one epoch per call, the test ELBO."""
 
     key = "pythae"
     label = "pythae BaseTrainer + VAE (bce)"
     note = "pythae's DataLoader and loop, loss read every step; a fresh draw per epoch"
-    skipped: str | None = None
 
     def setup(self, data: Any, device: torch.device, seed: int) -> None:
         try:
@@ -80,12 +80,6 @@ class PythaeRow:
         self.trainer = BaseTrainer(self.model, dataset, training_config=trainer_config)
         self.trainer.prepare_training()
         self.device = device
-
-    def enter(self) -> None:
-        """Nothing to swap: pythae's state is this row's own."""
-
-    def leave(self) -> None:
-        """Nothing to swap."""
 
     def epoch(self, index: int) -> dict[str, float]:
         import time
