@@ -112,7 +112,7 @@ class Engine:
         if config.engine == "compiled":
             self.compiled = CompiledStep(self._loss, self.params, self.device)
         self.beta_varies = beta_varies
-        self.eager_steps = 0  # the first runs eagerly, with Pyro's argument checks
+        self.stepped = False  # the first step runs eagerly, with Pyro's argument checks
 
     def _loss(self, x: Tensor, **kwargs: Any) -> Tensor:
         if self.autocast:  # the forward pass only; backward runs each op in its forward dtype
@@ -122,11 +122,11 @@ class Engine:
 
     def backward(self, x: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The step's loss, its gradients in ``.grad``; :meth:`update` applies them."""
-        if self.compiled is not None and self.eager_steps > 0:
+        if self.compiled is not None and self.stepped:
             loss = self._compiled_backward(self.compiled, x, kwargs)
             if loss is not None:
                 return loss
-        self.eager_steps += 1
+        self.stepped = True
         elbo = self.elbo
         if self.jit:
             elbo = self.elbos.get(x.shape)
