@@ -11,6 +11,7 @@ so callers can catch either. Each class carries the exit code ``ppl-vae`` return
 3     training diverged: the loss or a gradient became NaN or infinite
 4     a checkpoint or another file of a run could not be written (read-only, disk full)
 5     ``--resume`` asked for a configuration other than the run's own
+6     a peer process of a distributed run stopped or stopped answering
 130   interrupted by SIGINT (Ctrl-C) after writing a checkpoint; resume it
 143   interrupted by SIGTERM after writing a checkpoint; resume it
 ====  ===========================================================================
@@ -25,6 +26,7 @@ __all__ = [
     "EXIT_CONFIG_MISMATCH",
     "EXIT_DIVERGED",
     "EXIT_INPUT",
+    "EXIT_PEER_LOST",
     "EXIT_WRITE",
     "ArgumentError",
     "CheckpointError",
@@ -37,6 +39,7 @@ __all__ = [
     "ModelGuideMismatchError",
     "NotEnumerableError",
     "PairExecutionError",
+    "PeerLostError",
     "PplVaeError",
     "TrainingDivergedError",
     "TrainingInterrupted",
@@ -48,6 +51,7 @@ EXIT_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_WRITE = 4
 EXIT_CONFIG_MISMATCH = 5
+EXIT_PEER_LOST = 6
 
 
 class PplVaeError(Exception):
@@ -165,6 +169,13 @@ class UserFileError(PplVaeError, ValueError):
 class PairExecutionError(PplVaeError, RuntimeError):
     """The user's model or guide raised while being traced; the message names which and the
     original error (often a guide value outside the model's support, or wrong arguments)."""
+
+
+class PeerLostError(PplVaeError, RuntimeError):
+    """A collective of a distributed run failed: another rank died, was killed, or did not
+    answer within the timeout. The last checkpoint written stays; resume from it."""
+
+    exit_code = EXIT_PEER_LOST
 
 
 class EngineFallbackWarning(UserWarning):

@@ -22,7 +22,7 @@ from ppl_vae.training.config import (
 )
 from ppl_vae.training.device import resolve_device
 from ppl_vae.training.engine import make_elbo
-from ppl_vae.training.loop import fit
+from ppl_vae.training.fit import fit
 from ppl_vae.training.run_config import (
     CONFIG_FILE,
     config_differences,

@@ -25,12 +25,15 @@ from torch import Tensor
 
 from ppl_vae.data import binarize
 from ppl_vae.elbo import FreeBits, elbo_by_name, objective_elbo
-from ppl_vae.errors import EngineFallbackWarning
+from ppl_vae.errors import ArgumentError, EngineFallbackWarning
 from ppl_vae.rng import forked_rng
 from ppl_vae.training.compiled import CaptureRefused, CompiledStep
 from ppl_vae.training.config import TrainConfig
+from ppl_vae.training.distributed import DATA_PLATE, Shard, ShardMessenger
 
 __all__ = ["Engine", "make_elbo"]
+
+_SHARD = "_rank_rows"  # the step keyword carrying a rank's Shard (consumed, never the pair's)
 
 
 def make_elbo(config: TrainConfig) -> ELBO:
@@ -115,13 +118,30 @@ class Engine:
         self.stepped = False  # the first step runs eagerly, with Pyro's argument checks
 
     def _loss(self, x: Tensor, **kwargs: Any) -> Tensor:
+        model, guide = self.model, self.guide
+        shard = kwargs.pop(_SHARD, None)
+        if shard is not None:  # this rank's rows of a global batch
+            sharded = ShardMessenger(shard, draw_global=True)
+            model, guide = ShardMessenger(shard, draw_global=False)(model), sharded(guide)
         if self.autocast:  # the forward pass only; backward runs each op in its forward dtype
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return self.elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
-        return self.elbo.differentiable_loss(self.model, self.guide, x, **kwargs)
+                loss = self.elbo.differentiable_loss(model, guide, x, **kwargs)
+        else:
+            loss = self.elbo.differentiable_loss(model, guide, x, **kwargs)
+        if shard is not None and sharded.data_sites == 0:
+            raise ArgumentError(
+                f"distributed training splits the rows of the plate named {DATA_PLATE!r}, and "
+                "the guide has no site in it: name the pair's data plate "
+                f"pyro.plate({DATA_PLATE!r}, ...)"
+            )
+        return loss
 
-    def backward(self, x: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        """The step's loss, its gradients in ``.grad``; :meth:`update` applies them."""
+    def backward(self, x: Tensor, kwargs: dict[str, Any], shard: Shard | None = None) -> Tensor:
+        """The step's loss, its gradients in ``.grad``; :meth:`update` applies them. With
+        ``shard``, ``x`` is this rank's rows of a global batch (the shard keys the compiled
+        graphs, as the other non-tensor arguments do)."""
+        if shard is not None:
+            kwargs = {**kwargs, _SHARD: shard}
         if self.compiled is not None and self.stepped:
             loss = self._compiled_backward(self.compiled, x, kwargs)
             if loss is not None:

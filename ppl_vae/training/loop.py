@@ -1,175 +1,38 @@
-"""Training by stochastic variational inference: :func:`fit` and the loop that runs it.
-
-:func:`fit` maximises the beta-ELBO of a model/guide pair over a training set,
-
-    L_beta(x) = E_q[log p(x | z)] - beta * KL(q(z | x) || p(z)),
-
-one minibatch per step, with Adam on the gradient of a Monte Carlo estimate of -L_beta
-(Pyro's ELBO objects; ``"meanfield"`` uses the closed-form KL where it exists). After every
-epoch it evaluates the true ELBO (beta = 1) on a validation set, image by image, and records
-
-    ELBO = reconstruction - KL,  reconstruction = E_q[log p(x | z)],  KL = KL(q || p),
-
-as means per image (nats), with the standard error of the ELBO's mean. With an ``out_dir``,
-the run's configuration goes to ``config.json``, the history to ``history.csv`` and
-``history.json`` and the weights to ``checkpoints/last.ckpt`` and
-``checkpoints/best.ckpt`` (best validation ELBO) after every epoch, each file replaced
-atomically; with ``TrainConfig.checkpoint_every`` set, ``last.ckpt`` is also written every
-that many steps.
-
-Each step is ``elbo.differentiable_loss`` and ONE fused ``torch.optim.Adam`` over Pyro's
-param store (:mod:`~ppl_vae.training.engine`): the parameters of a plain ``pyro.infer.SVI``
-loop with ``pyro.optim.Adam`` on the same batches, to float rounding. On CPU each step's
-loss is read as it comes; on CUDA it is summed on the device and read once per epoch.
-
-Reliability: resuming from a checkpoint (:mod:`~ppl_vae.training.state`) is bitwise equal
-to an uninterrupted run on the same machine and settings, and refused with another
-configuration (:class:`~ppl_vae.errors.ConfigMismatchError`); a non-finite loss stops the run
-at that step, its update not applied, naming the sample site or the parameter at fault
-(:mod:`~ppl_vae.training.guard`), and nothing non-finite is ever written to a checkpoint;
-with ``out_dir``, SIGINT and SIGTERM write ``last.ckpt`` at the next step boundary and raise
-:class:`~ppl_vae.errors.TrainingInterrupted` (:mod:`~ppl_vae.training.signals`).
-
-Learning-rate schedules step once per epoch: ``"exponential"`` multiplies the rate by
-``lr_gamma``; ``"cosine"`` anneals it from ``lr`` towards ``lr_min`` over the run.
+"""The training loop behind :func:`~ppl_vae.training.fit.fit`: epochs of steps over the
+data order, validation after each, checkpoints at step boundaries, and how a run stops
+(divergence, signals, patience). One process; :mod:`~ppl_vae.training.distributed_loop`
+runs it across several.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
-import warnings
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pyro
 import torch
 from torch import Tensor, nn
 
-from ppl_vae.checkpoint import Checkpoint, load_checkpoint, restore, restore_optimizer, restore_rng
+from ppl_vae.checkpoint import Checkpoint, restore, restore_optimizer, restore_rng
 from ppl_vae.elbo import as_schedule
 from ppl_vae.errors import TrainingDivergedError, TrainingInterrupted
-from ppl_vae.training.arguments import check_arguments
 from ppl_vae.training.config import HISTORY_COLUMNS, History, TrainConfig
-from ppl_vae.training.device import resolve_device, torch_threads
 from ppl_vae.training.engine import Engine
 from ppl_vae.training.files import RunFiles
 from ppl_vae.training.guard import BadStep, Diagnosis, LossGuard, nonfinite_parameters
 from ppl_vae.training.order import Batch, BatchOrder
 from ppl_vae.training.progress import Progress
-from ppl_vae.training.run_config import run_configuration
-from ppl_vae.training.signals import StopFlag, catch_signals, interrupted
+from ppl_vae.training.signals import StopFlag, interrupted
 from ppl_vae.training.state import RunState, check_resumable
 from ppl_vae.training.validation import VALIDATION_COLUMNS, Validator, summarise
 
-__all__ = ["fit"]
-
-_NAN_WARNING = r"Encountered (NaN|\+inf|-inf)"
+__all__ = ["TrainingLoop"]
 
 
-def fit(
-    model: Callable,
-    guide: Callable,
-    train_images: Tensor,
-    *,
-    config: TrainConfig,
-    validation: Tensor | None = None,
-    modules: Mapping[str, nn.Module] | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
-    dynamic_binarize: bool = False,
-    step_kwargs: Mapping[str, Any] | None = None,
-    beta_schedule: Callable[[int], float] | None = None,
-    run_config: Mapping[str, Any] | None = None,
-    resume: str | os.PathLike[str] | Checkpoint | None = None,
-    handle_signals: bool = True,
-    train_labels: Tensor | None = None,
-    labelled_batch: int = 32,
-    labelled_weight: float | None = None,
-) -> History:
-    """Train ``(model, guide)`` on ``train_images`` by SVI and return the per-epoch history.
-
-    Each step calls ``model(x, beta=beta, **step_kwargs)`` and the guide alike, ``x`` a batch
-    of rows of ``train_images`` in an order drawn anew each epoch from ``config.seed`` and the
-    epoch (the last batch is smaller; a Jit ELBO compiles once for each shape). Pass
-    ``check_data=False`` in ``step_kwargs`` to skip the per-step checks of
-    :mod:`ppl_vae.models.vae` for data validated once beforehand. Pyro's argument checks (when
-    enabled) run on the first step only: later a NaN argument shows as a NaN loss.
-
-    The param store is not cleared: clear it (and seed) for a fresh run. Networks in
-    ``modules`` (by their ``pyro.module`` names) are moved to the device, put in eval mode for
-    validation and saved with the checkpoints; other parameters must be on the device.
-
-    :param validation: images to evaluate the ELBO on after every epoch.
-    :param out_dir: where ``config.json``, ``history.csv``, ``history.json`` and
-        ``checkpoints/{last,best}.ckpt`` go (created if missing); ``None`` writes nothing.
-    :param dynamic_binarize: draw a fresh binary image from each grey training image, per
-        batch (validation images are used as given).
-    :param beta_schedule: a Python function ``beta(step)`` (0-based step) overriding
-        ``config.beta``, which holds text schedules. Not recorded (``"beta": null``): such a
-        run resumes only through ``fit`` with the same function. Not with a Jit ELBO.
-    :param run_config: the configuration's sections besides ``"train"`` (plain JSON), e.g.
-        ``{"vae": ..., "data": ...}``. With ``out_dir``, ``{"train": config.to_dict(),
-        **run_config}`` goes to ``config.json`` (again on resume) and its digest into
-        every checkpoint (:mod:`~ppl_vae.training.run_config`).
-    :param resume: a checkpoint written by ``fit`` (path or loaded): continue that run with
-        the same model, guide, data and configuration (only
-        :data:`~ppl_vae.training.config.RUNTIME_SETTINGS` may differ; else the run's
-        ``config.json`` names the differences). The history returned includes its epochs.
-    :param handle_signals: with ``out_dir``, catch SIGINT and SIGTERM while training (in the
-        main thread): write ``last.ckpt`` at the next step boundary, then raise
-        :class:`~ppl_vae.errors.TrainingInterrupted`.
-    :param train_labels: semi-supervised training: ``(N,)`` int64 labels, -1 where unknown.
-        Each step then also passes ``y=`` (the batch's labels) and, when both kinds are
-        present, ``labelled_weight=``: a batch is ``batch_size`` unlabelled images plus
-        ``labelled_batch`` labelled ones, weighted to count once per epoch, or each by
-        ``labelled_weight`` when given (:mod:`~ppl_vae.training.order`); use an ELBO that sums
-        the label out (``"enum"``).
-    :raises TrainingDivergedError: when the loss or a gradient becomes NaN or infinite,
-        naming the step and the site (or parameter); the last good checkpoint stays.
-    :raises TrainingInterrupted: after SIGINT/SIGTERM, once ``last.ckpt`` is written.
-    :raises ConfigMismatchError: when ``resume`` was written with another configuration.
-    :raises CheckpointError: when ``resume`` cannot be read or resumed;
-        :class:`~ppl_vae.errors.CheckpointWriteError` when a checkpoint cannot be written
-        (training stops: it never carries on as if it had saved).
-    """
-    check_arguments(train_images, validation, config, step_kwargs, beta_schedule, train_labels)
-    configuration = run_configuration(config, run_config, beta_schedule)
-    checkpoint = None
-    if resume is not None:
-        checkpoint = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume)
-    device = resolve_device(config.device)
-    modules = dict(modules or {})
-    out = Path(out_dir) if out_dir is not None else None
-    files = RunFiles(out, configuration=configuration, modules=modules)
-    with (
-        torch_threads(config.threads),
-        warnings.catch_warnings(),
-        catch_signals(handle_signals and files.ckpt_dir is not None) as stop,
-    ):
-        # Pyro warns at every NaN loss; the guard reports it once, with the step.
-        warnings.filterwarnings("ignore", message=_NAN_WARNING, category=UserWarning)
-        loop = _Loop(
-            model,
-            guide,
-            train_images,
-            validation,
-            config=config,
-            modules=modules,
-            files=files,
-            device=device,
-            dynamic_binarize=dynamic_binarize,
-            kwargs=dict(step_kwargs or {}),
-            beta_schedule=beta_schedule,
-            stop=stop,
-            labels=(train_labels, labelled_batch, labelled_weight),
-        )
-        return loop.run(checkpoint)
-
-
-class _Loop:
+class TrainingLoop:
     """One training run: its engine, state, data order, guard and checkpoints."""
 
     def __init__(
@@ -236,6 +99,7 @@ class _Loop:
             model, guide, kwargs, config, device=device, steps_per_epoch=self.steps_per_epoch
         )
         self.state = RunState(History(out_dir=files.out), total=self.guard.zero())
+        self.saves = files.ckpt_dir is not None  # checkpoints at step boundaries
         self.started = self.epoch_started = time.perf_counter()
 
     # ---- the run -------------------------------------------------------------------------
@@ -284,7 +148,7 @@ class _Loop:
             state.start_epoch(self.guard.zero())
         state.order_state = None
         lr = self.engine.lr()
-        every = self.config.checkpoint_every if self.files.ckpt_dir is not None else None
+        every = self.config.checkpoint_every if self.saves else None
         for index in range(state.position, self.steps_per_epoch):
             if self.stop.signum is not None:
                 self._save(("last",))
@@ -320,7 +184,7 @@ class _Loop:
         checks = contextlib.nullcontext() if state.step == 0 else pyro.validation_enabled(False)
         try:
             with checks:
-                loss = engine.backward(x, {**self.kwargs, **batch.kwargs, "beta": beta})
+                loss = self._backward(x, {**self.kwargs, **batch.kwargs, "beta": beta})
         except (ValueError, RuntimeError) as exc:
             # NaN parameters make the next step's distributions reject their arguments;
             # report that as divergence.
@@ -329,7 +193,7 @@ class _Loop:
             if error is not None:
                 raise error from exc
             raise
-        checked = self.guard.check(loss, state.step + 1, x, beta)
+        checked = self.guard.check(self._agree(loss), state.step + 1, x, beta)
         if checked.bad is not None:
             engine.discard()  # the bad step's update is not applied
             raise self._diverged(checked.bad)
@@ -338,6 +202,14 @@ class _Loop:
         state.seen += batch.images
         state.total += checked.amount
         state.beta = beta
+
+    def _backward(self, x: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """The step's loss on batch ``x``, its gradients in ``.grad``."""
+        return self.engine.backward(x, kwargs)
+
+    def _agree(self, loss: Tensor) -> Tensor:
+        """The step's loss as every process of the run sees it (here: the one process)."""
+        return loss
 
     def _end_epoch(
         self, epoch: int, lr: float, train_loss: float, train_seconds: float, t0: float
@@ -364,7 +236,7 @@ class _Loop:
         row["seconds"] = state.epoch_seconds + time.perf_counter() - t0  # with validation
         history.rows.append({k: row[k] for k in HISTORY_COLUMNS})
         state.epoch, state.position = epoch, 0
-        if self.files.out is not None:
+        if self.saves:
             self._save(("best", "last") if row["best"] else ("last",))
             self.files.write_history(history.rows)
         return row
