@@ -154,6 +154,14 @@ class Distributed:
         stop = signal.SIGTERM if flags[2] > 0 else signal.SIGINT if flags[1] > 0 else None
         return flags[0].to(loss.dtype), None if stop is None else int(stop)
 
+    def gather_rows(self, rows: Tensor, shard: Shard) -> Tensor:
+        """The global batch's ``(total,)`` values on every rank, from each rank's rows
+        ``lo:hi`` (a zero-padded sum: exact, every row has one non-zero term)."""
+        full = rows.new_zeros(shard.total)
+        full[shard.lo : shard.hi] = rows
+        self._collective("the validation all-reduce", lambda: dist.all_reduce(full))
+        return full
+
     def barrier(self) -> None:
         self._collective("a barrier", lambda: dist.barrier())
 
@@ -171,10 +179,11 @@ class ShardMessenger(Messenger):
     global batch from this rank's (shared) random state and keeps its rows, so its noise is
     the noise one process draws for those rows."""
 
-    def __init__(self, shard: Shard, *, draw_global: bool) -> None:
+    def __init__(self, shard: Shard, *, draw_global: bool, split_shared: bool = True) -> None:
         super().__init__()
         self.shard = shard
         self.draw_global = draw_global
+        self.split_shared = split_shared  # False: per-row terms only, nothing rescaled
         self.data_sites = 0
 
     def _process_message(self, msg: dict[str, Any]) -> None:
@@ -182,7 +191,8 @@ class ShardMessenger(Messenger):
             return
         frame = next((f for f in msg["cond_indep_stack"] if f.name == DATA_PLATE), None)
         if frame is None:
-            msg["scale"] = msg["scale"] / self.shard.world
+            if self.split_shared:
+                msg["scale"] = msg["scale"] / self.shard.world
             return
         self.data_sites += 1
         if not self.draw_global or msg["is_observed"] or msg["value"] is not None:

@@ -2,17 +2,22 @@
 on one process, this rank trains on its rows (:mod:`~ppl_vae.training.distributed`), the
 gradients and the loss are summed over ranks, and every rank takes the same decisions
 (a signal on any rank stops all at the same step boundary; rank 0 writes the files).
+Validation is sharded alike: each rank evaluates its rows of every validation batch with the
+noise one process draws for them, and the per-image terms are all-reduced.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
-from ppl_vae.training.distributed import Distributed
+from ppl_vae.training.distributed import Distributed, ShardMessenger
 from ppl_vae.training.loop import TrainingLoop
 from ppl_vae.training.signals import StopFlag
+from ppl_vae.training.validation import Validator
 
 __all__ = ["DistributedLoop"]
 
@@ -30,6 +35,8 @@ class DistributedLoop(TrainingLoop):
         # The loop reads ``self.stop`` at step boundaries: here the signal all ranks agreed
         # on at the last step, never one that reached this rank alone since.
         self.signals, self.stop = self.stop, StopFlag()
+        if self.validator is not None:
+            self.validator = ShardedValidator(**vars(self.validator), group=group)
 
     def _backward(self, x: Tensor, kwargs: dict[str, Any]) -> Tensor:
         shard = self.group.shard(int(x.shape[0]))
@@ -51,3 +58,22 @@ class DistributedLoop(TrainingLoop):
             if error is not None:
                 raise error
         self.group.barrier()  # the checkpoint is whole on disk before any rank goes on
+
+
+@dataclass
+class ShardedValidator(Validator):
+    """:class:`~ppl_vae.training.validation.Validator` whose every batch is split across
+    the ranks; each rank returns the per-image terms of all images."""
+
+    group: Distributed | None = None
+
+    def _batch_terms(self, x: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
+        assert self.group is not None
+        shard = self.group.shard(int(x.shape[0]))
+        if shard.hi > shard.lo:
+            draws = ShardMessenger(shard, draw_global=True, split_shared=False)
+            guide: Callable = draws(self.guide)
+            r, k = self.pair_terms(self.model, guide, x[shard.lo : shard.hi], kwargs)
+        else:  # a last batch smaller than the world leaves this rank no rows
+            r = k = x.new_zeros(0)
+        return self.group.gather_rows(r, shard), self.group.gather_rows(k, shard)

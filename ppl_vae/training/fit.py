@@ -151,6 +151,11 @@ def fit(
                 "distributed training of a semi-supervised run is not supported: train it on "
                 "one process"
             )
+        if config.elbo.startswith("jit"):
+            raise ArgumentError(
+                f"distributed training does not run the Jit ELBOs ({config.elbo}: its traced "
+                "graph cannot take a rank's rows): use --engine compiled for a compiled step"
+            )
         group = distributed if isinstance(distributed, Distributed) else Distributed()
         if device.type == "cuda":  # one GPU a process
             device = torch.device("cuda", group.local_rank)

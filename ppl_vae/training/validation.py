@@ -89,25 +89,36 @@ class Validator:
     def _terms(self, kwargs: dict) -> tuple[Tensor, Tensor]:
         recon, kl = [], []
         for x in batches(self.images, self.batch_size, shuffle=False):
-            terms = site_terms(
-                self.model,
-                self.guide,
-                x,
-                analytic_kl=True,
-                keep_plates=("data",),
-                structure=self.structure,
-                **kwargs,
-            )
-            r = x.new_zeros(x.shape[0])
-            k = x.new_zeros(x.shape[0])
-            for kind, _, value in terms.values():  # value: (1, batch)
-                if kind == "reconstruction":
-                    r = r + value[0]
-                else:
-                    k = k + value[0]
+            r, k = self._batch_terms(x, kwargs)
             recon.append(r)
             kl.append(k)
         return torch.cat(recon), torch.cat(kl)
+
+    def _batch_terms(self, x: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
+        """One batch's per-image reconstruction and KL, each ``(batch,)``."""
+        return self.pair_terms(self.model, self.guide, x, kwargs)
+
+    def pair_terms(
+        self, model: Callable, guide: Callable, x: Tensor, kwargs: dict
+    ) -> tuple[Tensor, Tensor]:
+        """Per-image reconstruction and KL of ``(model, guide)`` on ``x``."""
+        terms = site_terms(
+            model,
+            guide,
+            x,
+            analytic_kl=True,
+            keep_plates=("data",),
+            structure=self.structure,
+            **kwargs,
+        )
+        r = x.new_zeros(x.shape[0])
+        k = x.new_zeros(x.shape[0])
+        for kind, _, value in terms.values():  # value: (1, batch)
+            if kind == "reconstruction":
+                r = r + value[0]
+            else:
+                k = k + value[0]
+        return r, k
 
 
 def summarise(recon: Tensor, kl: Tensor, beta: float) -> dict[str, float]:
