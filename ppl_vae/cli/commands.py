@@ -7,6 +7,7 @@ every failure into one line on stderr and an exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import warnings
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failure: 2 bad input, 3 training diverged, 4 a file could not be written, 5 a resumed
     run's settings differ, 130/143 interrupted by SIGINT/SIGTERM (see ``ppl_vae.errors``)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc passes on
     # The commands write figures to files and never open a window; the library itself leaves
     # the backend to its user (a notebook's inline figures).
     matplotlib.use("Agg")
@@ -51,17 +53,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning(args.command)
             return args.handler(args)
     except TrainingInterrupted as stop:
-        print(f"ppl-vae {args.command}: {stop}", file=sys.stderr)
+        print(f"{_prog(args)}: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
-        print(f"ppl-vae {args.command}: interrupted", file=sys.stderr)
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except PplVaeError as error:
-        print(f"ppl-vae {args.command}: error: {_message(args, error)}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {_message(args, error)}", file=sys.stderr)
         return error.exit_code
     except (ValueError, FileNotFoundError) as error:
-        print(f"ppl-vae {args.command}: error: {_message(args, error)}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {_message(args, error)}", file=sys.stderr)
         return EXIT_INPUT
+
+
+def _prog(args: argparse.Namespace) -> str:
+    """``ppl-vae COMMAND``, and the rank on a process of a ``torchrun`` job."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, world = os.environ.get("RANK", "?"), os.environ["WORLD_SIZE"]
+        return f"ppl-vae {args.command} (rank {rank} of {world})"
+    return f"ppl-vae {args.command}"
 
 
 def _one_line_warning(command: str) -> Callable[..., None]:

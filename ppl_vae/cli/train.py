@@ -28,11 +28,20 @@ from ppl_vae.cli.config_flags import (
     settings_places,
     vae_config_from_args,
 )
+from ppl_vae.cli.launch import launch_local, without_nproc
 from ppl_vae.cli.options import add_device_argument, add_no_progress_argument, add_threads_argument
 from ppl_vae.elbo import ELBOS, canonical_beta
 from ppl_vae.errors import ConfigMismatchError
 from ppl_vae.runs import TrainedRun, resume_run, run_config, train_run
-from ppl_vae.training import ENGINES, LR_SCHEDULES, PRECISIONS, TrainConfig
+from ppl_vae.training import (
+    BACKENDS,
+    ENGINES,
+    LR_SCHEDULES,
+    PRECISIONS,
+    Distributed,
+    TrainConfig,
+    launched_by_torchrun,
+)
 from ppl_vae.vae import ACTIVATIONS, ARCHITECTURES, M2Config, VAEConfig
 
 __all__ = ["TRAIN_EXIT_CODES", "add_parser"]
@@ -45,6 +54,8 @@ exit codes:
        step and the site or parameter, and the last good checkpoint stays
   4    a checkpoint or another run file could not be written (read-only folder, full disk)
   5    --resume with settings that differ from the run's own (the message lists them)
+  6    --nproc / torchrun: another process of the job stopped or did not answer (this
+       rank exits instead of waiting; the last checkpoint stays)
   130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, after writing a checkpoint:
        continue with 'ppl-vae train --resume FOLDER'"""
 
@@ -213,7 +224,7 @@ _PLACES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _resume(args: argparse.Namespace) -> TrainedRun:
+def _resume(args: argparse.Namespace, group: Distributed | None) -> TrainedRun:
     if args.out is not None and Path(args.out) != Path(args.resume):
         raise ValueError(
             f"--out {args.out} and --resume {args.resume} name different folders: a resumed "
@@ -232,6 +243,7 @@ def _resume(args: argparse.Namespace) -> TrainedRun:
         checkpoint_every=args.checkpoint_every,
         data_dir=args.data_dir,
         engine=args.engine,
+        distributed=group,
     )
 
 
@@ -258,7 +270,7 @@ def _m2_config(args: argparse.Namespace) -> M2Config | None:
     return build_config(M2Config, args, _M2_FLAGS)
 
 
-def _start(args: argparse.Namespace) -> TrainedRun:
+def _start(args: argparse.Namespace, group: Distributed | None) -> TrainedRun:
     """A new run in ``--out`` (refusing a folder that holds one, unless ``--overwrite``)."""
     if args.out is None:
         raise ValueError(
@@ -300,11 +312,28 @@ def _start(args: argparse.Namespace) -> TrainedRun:
         data_dir=args.data_dir,
         train_subset=args.train_subset,
         m2=m2,
+        distributed=group,
     )
 
 
 def _run(args: argparse.Namespace) -> int:
-    run = _resume(args) if args.resume is not None else _start(args)
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, not {args.nproc}")
+    if args.nproc is not None and args.nproc > 1 and not launched_by_torchrun():
+        return launch_local(args.nproc, without_nproc(args.argv))
+    if args.backend is not None and not launched_by_torchrun():
+        raise ValueError("--backend applies to several processes: add --nproc N, or torchrun")
+    if not launched_by_torchrun():
+        return _report(_resume(args, None) if args.resume is not None else _start(args, None))
+    group = Distributed(args.backend or "auto")
+    try:
+        run = _resume(args, group) if args.resume is not None else _start(args, group)
+    finally:
+        group.close()
+    return _report(run) if group.is_main else 0  # one report, from rank 0
+
+
+def _report(run: TrainedRun) -> int:
     last = run.history[-1]
     best = max(run.history, key=lambda row: row["val_elbo"])
     dim = run.dataset.data_dim
@@ -414,6 +443,22 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "are replaced)",
     )
     add_no_progress_argument(parser, "no progress bar")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N processes of this machine (torchrun's launcher; one GPU each on "
+        "CUDA): each step's batch is split across them, with the numbers of one process; "
+        "under torchrun the processes are torchrun's and --nproc is ignored",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=tuple(b for b in BACKENDS if b != "auto"),
+        default=None,
+        help="torch.distributed backend of --nproc / torchrun (default: nccl on CUDA, gloo "
+        "on the CPU)",
+    )
 
 
 def add_parser(subparsers: Any) -> None:
@@ -430,7 +475,10 @@ def add_parser(subparsers: Any) -> None:
         "--resume FOLDER, to the same final weights as a run never stopped.",
         epilog="example:\n  ppl-vae train --dataset fashion-mnist --z-dim 20 --beta 1 --epochs 10 "
         "--out runs/fmnist\n  ppl-vae train --resume runs/fmnist    # after a stop\n"
-        "  ppl-vae train --model m2 --labels 1000 --dataset fashion-mnist --out runs/m2\n\n"
+        "  ppl-vae train --model m2 --labels 1000 --dataset fashion-mnist --out runs/m2\n"
+        "  ppl-vae train --nproc 2 --dataset fashion-mnist --out runs/ddp    # 2 processes\n"
+        "  torchrun --nproc-per-node 2 -m ppl_vae train --dataset fashion-mnist --out runs/ddp"
+        "\n\n"
         f"{TRAIN_EXIT_CODES}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

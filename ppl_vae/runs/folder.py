@@ -38,6 +38,7 @@ from ppl_vae.runs.image_plots import image_grid, reconstructions_figure, save
 from ppl_vae.runs.semi_supervised import build_run_m2, evaluate_m2, m2_figures, training_labels
 from ppl_vae.training import (
     CONFIG_FILE,
+    Distributed,
     History,
     TrainConfig,
     config_differences,
@@ -85,6 +86,7 @@ def train_run(
     beta_schedule: Callable[[int], float] | None = None,
     train_subset: int | None = None,
     m2: M2Config | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainedRun:
     """Load the data, build fresh networks from the seed, train, and write the run folder
     (``config.json``: ``{"train", "vae", "data"}``, written by :func:`~ppl_vae.training.fit`).
@@ -98,6 +100,8 @@ def train_run(
         (a warm-up or cyclical schedule goes in ``train_config.beta`` as text). Not
         recorded: :func:`resume_run` cannot resume such a run.
     :param train_subset: train on the first N training images only (quick runs).
+    :param distributed: this process's rank in a ``torchrun`` job: every rank calls with the
+        same arguments; rank 0 writes the folder (:func:`~ppl_vae.training.fit`).
     """
     out = Path(out)
     try:
@@ -123,7 +127,16 @@ def train_run(
     }
     if m2 is not None:
         sections["m2"] = m2.to_dict()
-    return _train(out, train_config, sections, data, train_images, beta_schedule, resume=False)
+    return _train(
+        out,
+        train_config,
+        sections,
+        data,
+        train_images,
+        beta_schedule,
+        resume=False,
+        distributed=distributed,
+    )
 
 
 def _training_images(data: Dataset, config: VAEConfig, train_subset: int | None) -> torch.Tensor:
@@ -149,6 +162,7 @@ def _train(
     beta_schedule: Callable[[int], float] | None,
     *,
     resume: bool,
+    distributed: Distributed | None = None,
 ) -> TrainedRun:
     """Train from fresh networks (or resume from ``last.ckpt``); ``sections`` the run's
     configuration besides ``"train"``."""
@@ -179,10 +193,12 @@ def _train(
         beta_schedule=beta_schedule,
         run_config=sections,
         resume=last if resume and last.exists() else None,
+        distributed=distributed or False,
         **labelled,
     )
     run = TrainedRun(out, vae, train_config, data, history)
-    write_figures(run)
+    if distributed is None or distributed.is_main:
+        write_figures(run)
     return run
 
 
@@ -233,6 +249,7 @@ def resume_run(
     checkpoint_every: int | None = None,
     data_dir: str | None = None,
     engine: str | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainedRun:
     """Continue a stopped run from ``checkpoints/last.ckpt`` with its own configuration
     (``config.json``) and data, to the same final parameters as a run never stopped (same
@@ -246,6 +263,9 @@ def resume_run(
         ``config.json`` then records the new values).
     :param data_dir: where the data set is now, when it moved (``config.json`` keeps the
         folder it was trained from).
+    :param distributed: resume as this rank of a ``torchrun`` job. The run's numbers do not
+        depend on the number of processes, so a run stopped at one world size resumes at
+        any other (bitwise at the same one, to float rounding at another).
     :raises ConfigMismatchError: listing every setting in ``expect`` that differs, or when
         ``config.json`` no longer holds the configuration the checkpoint was written with.
     :raises CheckpointError: for a folder that is not a run, an unreadable checkpoint, or a
@@ -290,7 +310,16 @@ def resume_run(
         device=resolve_device(train_config.device),
     )
     train_images = _training_images(data, config, data_settings.get("train_subset"))
-    return _train(path, train_config, sections, data, train_images, None, resume=True)
+    return _train(
+        path,
+        train_config,
+        sections,
+        data,
+        train_images,
+        None,
+        resume=True,
+        distributed=distributed,
+    )
 
 
 def _saved_train_config(settings: dict[str, Any], **runtime: Any) -> TrainConfig:

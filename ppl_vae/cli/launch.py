@@ -1,0 +1,70 @@
+"""``ppl-vae train --nproc N``: start N training processes on this machine through torch's
+own elastic launcher (what ``torchrun --standalone --nproc-per-node N`` runs), each one
+``python -m ppl_vae train`` with the same arguments, and exit with the job's code.
+
+A rank's exit code is the job's: the first rank to fail names it (a dead rank's peers exit 6,
+"peer lost", after it). A signal to this process is passed on to every rank, which stop at
+the same step boundary after one checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+
+from ppl_vae.errors import EXIT_INPUT
+
+__all__ = ["launch_local", "without_nproc"]
+
+_NPROC = "--nproc"
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` (or ``--nproc=N``): the arguments of each rank."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == _NPROC:
+            skip = True
+        elif not arg.startswith(f"{_NPROC}="):
+            out.append(arg)
+    return out
+
+
+def launch_local(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``python -m ppl_vae *argv`` as ``nproc`` ranks of one job on this machine (a
+    c10d rendezvous on a free loopback port); the job's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The launcher's own log lines (worker states, its failure report with tracebacks) say
+    # nothing the ranks' one-line messages do not.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"ppl-vae-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,  # a failed rank fails the job: resume it with --resume
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "ppl_vae", *argv)
+    except ChildFailedError as failed:
+        _, first = failed.get_first_failure()
+        code = first.exitcode
+        return 128 - code if code < 0 else code  # killed by a signal: 128 + its number
+    except SignalException as stop:
+        return 128 + int(stop.sigval)
+    except Exception as exc:  # the rendezvous itself: a port, the loopback interface
+        print(f"ppl-vae train: error: cannot start {nproc} processes: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    return 0
