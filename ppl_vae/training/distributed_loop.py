@@ -14,9 +14,10 @@ from typing import Any
 
 from torch import Tensor
 
+from ppl_vae.errors import TrainingInterrupted
 from ppl_vae.training.distributed import Distributed, ShardMessenger
 from ppl_vae.training.loop import TrainingLoop
-from ppl_vae.training.signals import StopFlag
+from ppl_vae.training.signals import StopFlag, interrupted
 from ppl_vae.training.validation import Validator
 
 __all__ = ["DistributedLoop"]
@@ -49,6 +50,19 @@ class DistributedLoop(TrainingLoop):
         if signum is not None:
             self.stop.signum = signum
         return total
+
+    def _interrupted(self) -> TrainingInterrupted:
+        if self.group.is_main or not self.saves:
+            return super()._interrupted()
+        return interrupted(
+            self.stop,
+            step=self.state.step,
+            epoch=self.state.epoch,
+            epochs=self.config.epochs,
+            checkpoint=None,
+            out=None,
+            written_elsewhere="the checkpoint is written by rank 0",
+        )
 
     def _save(self, names: tuple[str, ...]) -> None:
         if self.group.is_main:

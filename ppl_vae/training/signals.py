@@ -58,16 +58,18 @@ def interrupted(
     epochs: int,
     checkpoint: Path | None,
     out: Path | None,
+    written_elsewhere: str | None = None,
 ) -> TrainingInterrupted:
     """The error that ends a run stopped by ``flag`` after ``step`` (``epoch`` finished
-    epochs of ``epochs``), saying where it was saved and how to resume it."""
+    epochs of ``epochs``), saying where it was saved and how to resume it (``written_elsewhere``:
+    who saved it, when another process did)."""
     signum = int(flag.signum or signal.SIGINT)
     name = signal.Signals(signum).name
     where = (
         f"checkpoint written to {checkpoint}; resume with "
         f"'ppl-vae train --resume {out}' (or fit(..., resume=...))"
         if checkpoint is not None
-        else "no checkpoint"
+        else written_elsewhere or "no checkpoint"
     )
     return TrainingInterrupted(
         f"interrupted by {name} after step {step} (epoch {epoch + 1} of {epochs}); {where}",
