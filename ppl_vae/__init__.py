@@ -46,6 +46,7 @@ from ppl_vae.errors import (
     ModelGuideMismatchError,
     NotEnumerableError,
     PairExecutionError,
+    PeerLostError,
     PplVaeError,
     TrainingDivergedError,
     TrainingInterrupted,
@@ -83,7 +84,7 @@ from ppl_vae.runs import (
     vae_log_evidence,
     write_report,
 )
-from ppl_vae.training import History, TrainConfig, fit
+from ppl_vae.training import History, TrainConfig, fit, launched_by_torchrun
 from ppl_vae.vae import (
     M2,
     VAE,
@@ -140,6 +141,7 @@ __all__ = [
     "ModelGuideMismatchError",
     "NotEnumerableError",
     "PairExecutionError",
+    "PeerLostError",
     "PosteriorTable",
     "PplVaeError",
     "RateDistortion",
@@ -179,6 +181,7 @@ __all__ = [
     "iwae_log_evidence",
     "kl_per_dimension",
     "latent_space_figure",
+    "launched_by_torchrun",
     "load",
     "load_run",
     "m2_iwae",

@@ -319,3 +319,28 @@ def test_nproc_passes_on_every_other_argument():
 def test_bad_distributed_flags_are_refused(tmp_path, capsys, extra, message):
     assert main([*TRAIN, "--out", str(tmp_path / "r"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_own_pair_example_runs_under_torchrun(tmp_path):
+    """``torchrun --nproc-per-node 2 examples/05_distributed_own_pair.py``: one report and
+    one figure, from rank 0."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(ROOT / "examples" / "05_distributed_own_pair.py"),
+            *("--dataset", "digits", "--z-dim", "2", "--hidden", "16", "--epochs", "1"),
+            *("--train-subset", "300", "--no-progress", "--out", str(tmp_path / "run")),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("trained on 2 process(es)") == 1
+    assert (tmp_path / "run" / "validation_elbo.png").exists()

@@ -69,6 +69,19 @@ EXAMPLES = {
         "30",
         "--no-progress",
     ],
+    "05_distributed_own_pair.py": [
+        "--dataset",
+        "digits",
+        "--z-dim",
+        "2",
+        "--hidden",
+        "16",
+        "--epochs",
+        "1",
+        "--train-subset",
+        "300",
+        "--no-progress",
+    ],
 }
 
 
