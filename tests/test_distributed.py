@@ -368,3 +368,77 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_process(reference, tmp_path):
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in params)
     tolerance = 240 * 1e-3 * 2 * 32 * 2.0**-24 * 3.2
     assert worst <= tolerance, f"largest difference {worst:.2e} > {tolerance:.2e}"
+
+
+_EVAL_WORKER = textwrap.dedent(
+    """
+    import functools, json, os, sys
+    import pyro, torch
+    from safetensors.torch import save_file
+    from ppl_vae.data import datasets
+    from ppl_vae.guides import vae as vae_guide
+    from ppl_vae.models import vae as vae_model
+    from ppl_vae.runs import evaluate, vae_log_evidence
+    from ppl_vae.training import Distributed
+    from ppl_vae.vae import make_networks
+
+    out, route = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    ds = datasets.load("digits", binarize="static")
+    pyro.set_rng_seed(0)
+    enc, dec = make_networks(ds.data_dim, 4, [32])
+    group = Distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    fast = vae_log_evidence(enc, dec) if route == "fast" else None
+    ev = evaluate(functools.partial(vae_model.model, decoder=dec),
+                  functools.partial(vae_guide.guide, encoder=enc), ds.test.images,
+                  encoder=enc, iwae_samples=20, seed=7, progress=False, log_evidence=fast,
+                  distributed=group, block_size=50)
+    rank = os.environ.get("RANK", "0")
+    save_file({"elbo": ev.elbo_per_image, "iwae": ev.iwae_per_image}, f"{out}/values{rank}.st")
+    with open(f"{out}/means{rank}.json", "w") as f:
+        json.dump([ev.elbo, ev.elbo_se, ev.iwae, ev.iwae_se, ev.gap_elbo_iwae], f)
+    if group is not None:
+        group.close()
+    """
+)
+
+
+@pytest.mark.parametrize("route", ["pyro", "fast"])
+def test_sharded_evaluation_gives_the_numbers_of_one_process(tmp_path, route):
+    """359 test digits in blocks of 50 (8 blocks, 4 a rank): each image's ELBO and IWAE bound
+    (K = 20, through Pyro traces or the trace-free route) come from one rank and its block's own
+    draws, so the all-reduced values equal one process's exactly, and so do the means."""
+    script = tmp_path / "evaluate.py"
+    script.write_text(_EVAL_WORKER)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    subprocess.run([sys.executable, str(script), str(one), route], env=ENV, check=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", str(script), str(two), route],
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    reference = load_file(one / "values0.st")
+    for rank in (0, 1):
+        values = load_file(two / f"values{rank}.st")
+        for name in ("elbo", "iwae"):
+            assert torch.equal(values[name], reference[name]), f"rank {rank}: {name} differs"
+        means = json.loads((two / f"means{rank}.json").read_text())
+        assert means == json.loads((one / "means0.json").read_text())
+
+
+def test_evaluate_with_nproc_writes_the_one_process_numbers(reference, tmp_path):
+    """``ppl-vae evaluate RUN --nproc 2``: one report, and the evaluation.json of one process."""
+    command = [sys.executable, "-m", "ppl_vae", "evaluate", str(reference), "--iwae-k", "20"]
+    results = []
+    for extra in ([], ["--nproc", "2"]):
+        done = subprocess.run(
+            [*command, "--no-progress", *extra], env=ENV, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("VAE evaluation") == 1
+        saved = json.loads((reference / "evaluation.json").read_text())
+        results.append({k: v for k, v in saved.items() if k != "seconds"})
+    assert results[0] == results[1]

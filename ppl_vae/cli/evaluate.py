@@ -11,28 +11,38 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ppl_vae.cli.launch import add_process_arguments, on_processes
 from ppl_vae.cli.options import (
     add_checkpoint_argument,
     add_device_argument,
     add_no_progress_argument,
 )
 from ppl_vae.runs import evaluate_run
+from ppl_vae.training import Distributed, resolve_device
 
 __all__ = ["add_parser"]
 
 
 def _run(args: argparse.Namespace) -> int:
-    result = evaluate_run(
-        args.run,
-        iwae_samples=args.iwae_k,
-        limit=args.limit,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    print(result)
-    print(f"written: {Path(args.run) / 'evaluation.json'}")
-    return 0
+    def evaluate(group: Distributed | None) -> int:
+        device = args.device
+        if group is not None and resolve_device(device).type == "cuda":
+            device = str(group.device)  # one GPU a rank
+        result = evaluate_run(
+            args.run,
+            iwae_samples=args.iwae_k,
+            limit=args.limit,
+            checkpoint=args.checkpoint,
+            device=device,
+            progress=not args.no_progress and (group is None or group.is_main),
+            distributed=group,
+        )
+        if group is None or group.is_main:
+            print(result)
+            print(f"written: {Path(args.run) / 'evaluation.json'}")
+        return 0
+
+    return on_processes(args, evaluate)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -61,4 +71,5 @@ def add_parser(subparsers: Any) -> None:
     add_checkpoint_argument(evaluate)
     add_device_argument(evaluate)
     add_no_progress_argument(evaluate, "no progress bar")
+    add_process_arguments(evaluate, "the test images are shared out")
     evaluate.set_defaults(handler=_run)

@@ -28,20 +28,12 @@ from ppl_vae.cli.config_flags import (
     settings_places,
     vae_config_from_args,
 )
-from ppl_vae.cli.launch import launch_local, without_nproc
+from ppl_vae.cli.launch import add_process_arguments, on_processes
 from ppl_vae.cli.options import add_device_argument, add_no_progress_argument, add_threads_argument
 from ppl_vae.elbo import ELBOS, canonical_beta
 from ppl_vae.errors import ConfigMismatchError
 from ppl_vae.runs import TrainedRun, resume_run, run_config, train_run
-from ppl_vae.training import (
-    BACKENDS,
-    ENGINES,
-    LR_SCHEDULES,
-    PRECISIONS,
-    Distributed,
-    TrainConfig,
-    launched_by_torchrun,
-)
+from ppl_vae.training import ENGINES, LR_SCHEDULES, PRECISIONS, Distributed, TrainConfig
 from ppl_vae.vae import ACTIVATIONS, ARCHITECTURES, M2Config, VAEConfig
 
 __all__ = ["TRAIN_EXIT_CODES", "add_parser"]
@@ -317,20 +309,11 @@ def _start(args: argparse.Namespace, group: Distributed | None) -> TrainedRun:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.nproc is not None and args.nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, not {args.nproc}")
-    if args.nproc is not None and args.nproc > 1 and not launched_by_torchrun():
-        return launch_local(args.nproc, without_nproc(args.argv))
-    if args.backend is not None and not launched_by_torchrun():
-        raise ValueError("--backend applies to several processes: add --nproc N, or torchrun")
-    if not launched_by_torchrun():
-        return _report(_resume(args, None) if args.resume is not None else _start(args, None))
-    group = Distributed(args.backend or "auto")
-    try:
+    def train(group: Distributed | None) -> int:
         run = _resume(args, group) if args.resume is not None else _start(args, group)
-    finally:
-        group.close()
-    return _report(run) if group.is_main else 0  # one report, from rank 0
+        return _report(run) if group is None or group.is_main else 0  # one report: rank 0's
+
+    return on_processes(args, train)
 
 
 def _report(run: TrainedRun) -> int:
@@ -443,22 +426,7 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "are replaced)",
     )
     add_no_progress_argument(parser, "no progress bar")
-    parser.add_argument(
-        "--nproc",
-        type=int,
-        default=None,
-        metavar="N",
-        help="train on N processes of this machine (torchrun's launcher; one GPU each on "
-        "CUDA): each step's batch is split across them, with the numbers of one process; "
-        "under torchrun the processes are torchrun's and --nproc is ignored",
-    )
-    parser.add_argument(
-        "--backend",
-        choices=tuple(b for b in BACKENDS if b != "auto"),
-        default=None,
-        help="torch.distributed backend of --nproc / torchrun (default: nccl on CUDA, gloo "
-        "on the CPU)",
-    )
+    add_process_arguments(parser, "each step's batch is split across them")
 
 
 def add_parser(subparsers: Any) -> None:

@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from ppl_vae.elbo import enumerated_site_terms, inspect_pair, iwae_log_evidence, sampled_site_terms
 from ppl_vae.models.vae import check_data
-from ppl_vae.rng import forked_rng
+from ppl_vae.rng import forked_rng, sub_seed
 from ppl_vae.runs.evaluation import Evaluation
+from ppl_vae.training import Distributed
 from ppl_vae.vae import active_units, kl_per_dimension, posterior_moments, vae_iwae
 
 __all__ = ["FLOAT_BUDGET", "LogEvidence", "evaluate", "vae_log_evidence"]
@@ -40,6 +41,10 @@ FLOAT_BUDGET = 32 * 2**20
 """Largest (particles x images x D) block evaluated at once: 32 Mi floats, 128 MiB in float32.
 The decoder's output and its log-probabilities are blocks of this size; hidden layers wider than
 D (e.g. conv decoders) multiply it, so pass smaller ``batch_size`` / ``iwae_chunk`` for those."""
+
+EVAL_BLOCK = 500
+"""Images per evaluation block. A block's draws come from (seed, block index) alone, so its
+numbers do not depend on which process evaluates it, nor on how many share the work."""
 
 DEFAULT_IWAE_CHUNK = 1000
 """Importance samples per pass when neither ``iwae_chunk`` nor ``batch_size`` is given."""
@@ -126,8 +131,14 @@ def evaluate(
     seed: int | None = 0,
     progress: bool = True,
     log_evidence: LogEvidence | None = None,
+    distributed: Distributed | None = None,
+    block_size: int = EVAL_BLOCK,
 ) -> Evaluation:
     """ELBO, reconstruction, KL, IWAE bound and latent diagnostics of a VAE on ``images``.
+
+    The images go in blocks of ``block_size`` (:data:`EVAL_BLOCK`), each with its own draws; with
+    ``distributed`` (every rank of a ``torchrun`` job calls alike) the ranks share the blocks
+    and all-reduce the per-image values: the numbers of one process, on every rank.
 
     :param model: the bound VAE model (``functools.partial(models.vae.model, decoder=...)``),
         called as ``model(x, beta=1.0, check_data=False)``; the guide likewise.
@@ -157,28 +168,49 @@ def evaluate(
     n, d = images.shape
     if n == 0:
         raise ValueError("images holds no rows: nothing to evaluate")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     elbo_batch, iwae_batch, chunk = _sizes(
-        n, d, iwae_samples, elbo_particles, batch_size, iwae_chunk
+        min(n, block_size), d, iwae_samples, elbo_particles, batch_size, iwae_chunk
     )
     kwargs = {"beta": 1.0, "check_data": False}
     start_time = time.perf_counter()
-    seeded = forked_rng(images.device, seed) if seed is not None else contextlib.nullcontext()
-    with seeded, torch.no_grad():
-        recon, kl, kl_sampled = _elbo_terms(
-            model, guide, images, elbo_batch, elbo_particles, kwargs
-        )
-        if log_evidence is not None:
-            iwae_per_image = log_evidence(images, iwae_samples, progress)
-        else:
-            iwae_per_image = _pyro_iwae(
-                model, guide, images, iwae_samples, iwae_batch, chunk, kwargs, progress
+    # Per image: reconstruction, KL, IWAE bound; and whether any KL term was sampled.
+    values = torch.zeros(3, n, dtype=torch.float64)
+    kl_sampled = torch.zeros(1, dtype=torch.float64)
+    blocks = range(math.ceil(n / block_size))
+    mine = [b for b in blocks if distributed is None or b % distributed.world == distributed.rank]
+    bar = tqdm(mine, desc=f"ELBO and IWAE K={iwae_samples}", unit="block", disable=not progress)
+    with torch.no_grad():
+        for block in bar:
+            rows = slice(block * block_size, min(n, (block + 1) * block_size))
+            x = images[rows]
+            seeded = (
+                forked_rng(images.device, sub_seed(seed, block))
+                if seed is not None
+                else contextlib.nullcontext()
             )
+            with seeded:
+                recon, kl, sampled = _elbo_terms(
+                    model, guide, x, elbo_batch, elbo_particles, kwargs
+                )
+                if log_evidence is not None:
+                    iwae = log_evidence(x, iwae_samples, False)
+                else:
+                    iwae = _pyro_iwae(model, guide, x, iwae_samples, iwae_batch, chunk, kwargs)
+            values[:, rows] = torch.stack([recon, kl, iwae.double().cpu()])
+            kl_sampled += sampled
+        if distributed is not None:  # each image's values come from one rank: an exact sum
+            values = distributed.sum_over_ranks(values, "the evaluation all-reduce")
+            kl_sampled = distributed.sum_over_ranks(kl_sampled, "the evaluation all-reduce")
+        recon, kl, iwae_per_image = values
+        any_sampled = bool(kl_sampled.item() > 0)
         code = None
         if encoder is not None:
-            code = _code(encoder, images, max(elbo_batch, 2), per_dimension=not kl_sampled)
+            code = _code(encoder, images, max(elbo_batch, 2), per_dimension=not any_sampled)
     seconds = time.perf_counter() - start_time
     return _record(
-        images, recon, kl, iwae_per_image, code, iwae_samples, elbo_particles, seconds, kl_sampled
+        images, recon, kl, iwae_per_image, code, iwae_samples, elbo_particles, seconds, any_sampled
     )
 
 
@@ -294,17 +326,10 @@ def _pyro_iwae(
     iwae_batch: int,
     chunk: int,
     kwargs: dict[str, Any],
-    progress: bool,
 ) -> Tensor:
     """The IWAE bound of any pair through Pyro traces, per image."""
     iwae_parts = []
-    bar = tqdm(
-        images.split(iwae_batch),
-        desc=f"IWAE K={iwae_samples}",
-        unit="batch",
-        disable=not progress,
-    )
-    for x in bar:
+    for x in images.split(iwae_batch):
         per_item = iwae_log_evidence(
             model, guide, x, num_samples=iwae_samples, chunk_size=chunk, **kwargs
         ).per_item.reshape(-1)

@@ -29,7 +29,7 @@ import torch
 from ppl_vae.atomic import write_json
 from ppl_vae.checkpoint import load_checkpoint, restore
 from ppl_vae.data import Dataset, load
-from ppl_vae.errors import CheckpointError, ConfigMismatchError, WriteError
+from ppl_vae.errors import ArgumentError, CheckpointError, ConfigMismatchError, WriteError
 from ppl_vae.models import vae as vae_model
 from ppl_vae.rng import forked_rng
 from ppl_vae.runs.evaluate import evaluate, vae_log_evidence
@@ -398,12 +398,17 @@ def evaluate_run(
     checkpoint: str = "best",
     device: str = "cpu",
     progress: bool = True,
+    distributed: Distributed | None = None,
 ) -> Evaluation:
     """Evaluate a run on its test set (beta = 1) and write ``evaluation.json`` (an M2 run:
-    with the test accuracy of q(y | x), the label summed out of the bounds)."""
+    with the test accuracy of q(y | x), the label summed out of the bounds). With
+    ``distributed``, every rank of a ``torchrun`` job calls alike and evaluates its share of
+    the images (:func:`~ppl_vae.runs.evaluate`); rank 0 writes the file."""
     run = load_run(path, checkpoint=checkpoint, device=device)
     images = run.dataset.test.images[:limit] if limit else run.dataset.test.images
     vae = run.vae
+    if isinstance(vae, M2) and distributed is not None:
+        raise ArgumentError("an M2 run is evaluated on one process: drop --nproc (or torchrun)")
     if isinstance(vae, M2):
         labels = run.dataset.test.labels[: images.shape[0]]
         with torch.no_grad():
@@ -426,8 +431,10 @@ def evaluate_run(
             iwae_samples=iwae_samples,
             progress=progress,
             log_evidence=fast,
+            distributed=distributed,
         )
-    write_json(run.path / "evaluation.json", {"checkpoint": checkpoint, **result.to_dict()})
+    if distributed is None or distributed.is_main:
+        write_json(run.path / "evaluation.json", {"checkpoint": checkpoint, **result.to_dict()})
     return result
 
 

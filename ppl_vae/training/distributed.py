@@ -162,6 +162,13 @@ class Distributed:
         self._collective("the validation all-reduce", lambda: dist.all_reduce(full))
         return full
 
+    def sum_over_ranks(self, value: Tensor, what: str) -> Tensor:
+        """``value`` summed over the ranks (on this rank's device for the collective, returned
+        where it was)."""
+        on_device = value.to(self.device)
+        self._collective(what, lambda: dist.all_reduce(on_device))
+        return on_device.to(value.device)
+
     def barrier(self) -> None:
         self._collective("a barrier", lambda: dist.barrier())
 
