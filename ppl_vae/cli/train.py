@@ -29,12 +29,12 @@ from ppl_vae.cli.config_flags import (
     vae_config_from_args,
 )
 from ppl_vae.cli.launch import add_process_arguments, on_processes
+from ppl_vae.cli.m2_flags import M2_FLAGS, MODELS, check_model, m2_config
 from ppl_vae.cli.options import add_device_argument, add_no_progress_argument, add_threads_argument
 from ppl_vae.elbo import ELBOS, canonical_beta
-from ppl_vae.errors import ConfigMismatchError
-from ppl_vae.runs import TrainedRun, resume_run, run_config, train_run
+from ppl_vae.runs import TrainedRun, resume_run, train_run
 from ppl_vae.training import ENGINES, LR_SCHEDULES, PRECISIONS, Distributed, TrainConfig
-from ppl_vae.vae import ACTIVATIONS, ARCHITECTURES, M2Config, VAEConfig
+from ppl_vae.vae import ACTIVATIONS, ARCHITECTURES, VAEConfig
 
 __all__ = ["TRAIN_EXIT_CODES", "add_parser"]
 
@@ -160,41 +160,6 @@ _OBJECTIVE_FLAGS = (
         metavar="N",
     ),
 )
-MODELS = ("vae", "m2")
-"""Values of ``--model``: the Gaussian VAE, or the semi-supervised M2 (Kingma et al. 2014)."""
-
-_M2_FLAGS = (
-    ConfigFlag(
-        M2Config,
-        "labels",
-        "with --model m2: training images that keep their label, drawn per class (balanced) "
-        "from the seed; the others are unlabelled (default: {default})",
-        metavar="N",
-    ),
-    ConfigFlag(
-        M2Config,
-        "alpha",
-        "with --model m2: weight of the classification term alpha * log q(y | x) per labelled "
-        "image (default: {default})",
-        none="N / labels; the paper's is 0.1 N / labels",
-    ),
-    ConfigFlag(
-        M2Config,
-        "labelled_batch",
-        "with --model m2: labelled images added to each batch of --batch-size unlabelled ones, "
-        "weighted to count once per epoch unless --labelled-weight (default: {default})",
-        metavar="M",
-    ),
-    ConfigFlag(
-        M2Config,
-        "labelled_weight",
-        "with --model m2: the weight W of each labelled image in its batch (1: as much as an "
-        "unlabelled one, as most M2 code does; the labelled set then weighs more than once "
-        "an epoch) (default: {default})",
-        metavar="W",
-        none="once per epoch",
-    ),
-)
 _RUN_FLAGS = (
     *MODEL_FLAGS,
     *_NETWORK_FLAGS,
@@ -202,7 +167,7 @@ _RUN_FLAGS = (
     _BETA,
     *_OBJECTIVE_FLAGS,
     SEED,
-    *_M2_FLAGS,
+    *M2_FLAGS,
 )
 """The flags of the settings that define a run, besides --train-subset: with --resume, the
 ones given must match the run's own."""
@@ -225,7 +190,7 @@ def _resume(args: argparse.Namespace, group: Distributed | None) -> TrainedRun:
     if args.overwrite:
         raise ValueError("--overwrite starts a new run: use it with --out, not --resume")
     if args.model is not None:
-        _check_model(args.resume, args.model)
+        check_model(args.resume, args.model)
     return resume_run(
         args.resume,
         expect=given_settings(args, _PLACES),
@@ -237,29 +202,6 @@ def _resume(args: argparse.Namespace, group: Distributed | None) -> TrainedRun:
         engine=args.engine,
         distributed=group,
     )
-
-
-def _check_model(path: str, model: str) -> None:
-    saved = "m2" if "m2" in run_config(path) else "vae"
-    if saved != model:
-        raise ConfigMismatchError(
-            f"cannot resume {path} as --model {model}: it is a {saved} run. Resume without "
-            "--model, or start a new run in another folder.",
-            differences=[f"model: run {saved}, asked {model}"],
-        )
-
-
-def _m2_config(args: argparse.Namespace) -> M2Config | None:
-    """The M2 settings of a new run; ``None`` for a VAE, which refuses the M2 flags."""
-    given = [
-        f"--{f.dest.replace('_', '-')}" for f in _M2_FLAGS if getattr(args, f.dest) is not None
-    ]
-    if (args.model or "vae") == "vae":
-        if given:
-            verb = "applies" if len(given) == 1 else "apply"
-            raise ValueError(f"{', '.join(given)} {verb} to --model m2 only")
-        return None
-    return build_config(M2Config, args, _M2_FLAGS)
 
 
 def _start(args: argparse.Namespace, group: Distributed | None) -> TrainedRun:
@@ -275,7 +217,7 @@ def _start(args: argparse.Namespace, group: Distributed | None) -> TrainedRun:
             f"{args.out} already holds a run ({last}): continue it with --resume "
             f"{args.out}, choose another --out, or pass --overwrite to start it again"
         )
-    m2 = _m2_config(args)
+    m2 = m2_config(args)
     if args.overwrite:  # the old run's checkpoints must not be resumed by mistake
         for old in ("last.ckpt", "best.ckpt"):
             (last.parent / old).unlink(missing_ok=True)
@@ -358,7 +300,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, defaults=False)
     add_flags(
         parser,
-        (*_NETWORK_FLAGS, *_SCHEDULE_FLAGS, _BETA, *_OBJECTIVE_FLAGS, *_M2_FLAGS),
+        (*_NETWORK_FLAGS, *_SCHEDULE_FLAGS, _BETA, *_OBJECTIVE_FLAGS, *M2_FLAGS),
         defaults=False,
     )
     parser.add_argument(
