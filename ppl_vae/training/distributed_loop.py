@@ -82,7 +82,8 @@ class ShardedValidator(Validator):
     group: Distributed | None = None
 
     def _batch_terms(self, x: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
-        assert self.group is not None
+        if self.group is None:  # no group: one process's validation
+            return super()._batch_terms(x, kwargs)
         shard = self.group.shard(int(x.shape[0]))
         if shard.hi > shard.lo:
             draws = ShardMessenger(shard, draw_global=True, split_shared=False)
