@@ -442,3 +442,26 @@ def test_evaluate_with_nproc_writes_the_one_process_numbers(reference, tmp_path)
         saved = json.loads((reference / "evaluation.json").read_text())
         results.append({k: v for k, v in saved.items() if k != "seconds"})
     assert results[0] == results[1]
+
+
+def test_sigterm_to_the_nproc_launcher_stops_every_rank_at_one_step(reference, tmp_path):
+    """SIGTERM to ``ppl-vae train --nproc 2`` (the launcher, not a rank): it passes the signal
+    on, both ranks stop at one step after one checkpoint, the command exits 143 with the ranks'
+    one-line messages only (none of the launcher's logging), and the run resumes bitwise."""
+    run = tmp_path / "launched"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "ppl_vae", *TRAIN, "--nproc", "2", "--out", str(run)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _stop_one_rank_after_first_checkpoint(run, [launcher], victim=0, signum=signal.SIGTERM)
+    code, _, err = _wait(launcher, 180)
+    assert code == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all("interrupted by SIGTERM after step" in line for line in lines)
+    assert len({line.split("step ")[1].split()[0] for line in lines}) == 1, lines
+    results = _finish(_ranks(["train", "--resume", str(run), "--no-progress"]))
+    assert [r[0] for r in results] == [0, 0], results
+    _assert_bitwise(reference, run)

@@ -47,7 +47,10 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
 
     # The launcher's own log lines (worker states, its failure report with tracebacks) say
     # nothing the ranks' one-line messages do not.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # Its modules' loggers do not all propagate to the package's, so each is quietened.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
