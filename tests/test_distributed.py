@@ -114,6 +114,18 @@ def _history(run: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if "seconds" not in k} for row in rows]
 
 
+def _one_and_two_processes(script: Path, one: Path, two: Path, arg: str) -> None:
+    """``script OUT ARG`` as one process into ``one``, and as 2 torchrun ranks into ``two``."""
+    subprocess.run([sys.executable, str(script), str(one), arg], env=ENV, check=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", str(script), str(two), arg],
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+
+
 def _stop_one_rank_after_first_checkpoint(run: Path, procs, victim: int, signum: int) -> None:
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
@@ -179,14 +191,7 @@ def test_two_processes_give_the_parameters_of_one(tmp_path, engine):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, str(script), str(one), engine], env=ENV, check=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    subprocess.run(
-        [*torchrun, "--nproc-per-node", "2", str(script), str(two), engine],
-        env=ENV,
-        check=True,
-        capture_output=True,
-    )
+    _one_and_two_processes(script, one, two, engine)
     p1, r0, r1 = (load_file(p) for p in (one / "params0.safetensors", *two.glob("params*")))
     assert p1.keys() == r0.keys() == r1.keys()
     for name in p1:
@@ -412,14 +417,7 @@ def test_sharded_evaluation_gives_the_numbers_of_one_process(tmp_path, route):
     script.write_text(_EVAL_WORKER)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    subprocess.run([sys.executable, str(script), str(one), route], env=ENV, check=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    subprocess.run(
-        [*torchrun, "--nproc-per-node", "2", str(script), str(two), route],
-        env=ENV,
-        check=True,
-        capture_output=True,
-    )
+    _one_and_two_processes(script, one, two, route)
     reference = load_file(one / "values0.st")
     for rank in (0, 1):
         values = load_file(two / f"values{rank}.st")
