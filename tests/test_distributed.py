@@ -109,6 +109,13 @@ def _assert_bitwise(a: Path, b: Path) -> None:
     assert not different, f"{b} differs from {a} in {different[:5]}"
 
 
+def _resume_on_two_ranks_to(reference: Path, run: Path) -> None:
+    """``--resume`` the stopped ``run`` on 2 ranks; it must end bitwise at ``reference``."""
+    results = _finish(_ranks(["train", "--resume", str(run), "--no-progress"]))
+    assert [r[0] for r in results] == [0, 0], results
+    _assert_bitwise(reference, run)
+
+
 def _history(run: Path) -> list[dict]:
     rows = json.loads((run / "history.json").read_text())
     return [{k: v for k, v in row.items() if "seconds" not in k} for row in rows]
@@ -223,9 +230,7 @@ def test_a_killed_rank_stops_its_peers_with_a_clear_error_then_resume_is_bitwise
     assert "Traceback" not in err0
     assert "rank 0 of 2" in err0 and "peer" in err0
     load_checkpoint(run / "checkpoints" / "last.ckpt")  # whole, loadable
-    results = _finish(_ranks(["train", "--resume", str(run), "--no-progress"]))
-    assert [r[0] for r in results] == [0, 0], results
-    _assert_bitwise(reference, run)
+    _resume_on_two_ranks_to(reference, run)
     assert _history(run) == _history(reference)
 
 
@@ -244,9 +249,7 @@ def test_a_signal_to_one_rank_stops_all_at_one_step_then_resume_is_bitwise(
     assert len(steps) == 1, f"the ranks stopped at different steps: {results}"
     saved = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert str(saved.counters["step"]) in steps
-    results = _finish(_ranks(["train", "--resume", str(run), "--no-progress"]))
-    assert [r[0] for r in results] == [0, 0], results
-    _assert_bitwise(reference, run)
+    _resume_on_two_ranks_to(reference, run)
 
 
 # --- how users start a job --------------------------------------------------------------------
@@ -460,6 +463,4 @@ def test_sigterm_to_the_nproc_launcher_stops_every_rank_at_one_step(reference, t
     lines = err.strip().splitlines()
     assert len(lines) == 2 and all("interrupted by SIGTERM after step" in line for line in lines)
     assert len({line.split("step ")[1].split()[0] for line in lines}) == 1, lines
-    results = _finish(_ranks(["train", "--resume", str(run), "--no-progress"]))
-    assert [r[0] for r in results] == [0, 0], results
-    _assert_bitwise(reference, run)
+    _resume_on_two_ranks_to(reference, run)
