@@ -20,6 +20,8 @@ Each trains on 50,000 images (10,000 held out for validation and checkpoint sele
 a fixed budget of epochs (``--patience`` stops earlier), and its best checkpoint is
 evaluated on all 10,000 test images. Rows go to ``--results`` one by one; a rerun skips the
 rows it holds (``--fresh`` starts over), so a stopped benchmark continues where it was.
+``--max-hours H`` bounds a row's training by the clock: when H hours are spent the run stops
+as on SIGTERM (a checkpoint), its best epoch so far is evaluated and the row says so.
 
     python benchmarks/fashion_mnist_nll.py --epochs 20 --warmup-epochs 5 --threads 2
     python benchmarks/fashion_mnist_nll.py --rows vae,iwae:5 --epochs 2 --test-images 500 \\
@@ -30,13 +32,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
 from _common import markdown_table
 
+from ppl_vae.errors import TrainingInterrupted
 from ppl_vae.runs import evaluate_run, load_run, resume_run, train_run
 from ppl_vae.training import TrainConfig
 from ppl_vae.vae import VAEConfig, elbo_surgery, posterior_moments
@@ -105,21 +111,53 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     vae, train = _configs(row, args)
     out = Path(args.out) / f"{row.replace(':', '-')}_{args.epochs}ep"
     start = time.perf_counter()
-    if (out / "checkpoints" / "last.ckpt").exists():
-        run = resume_run(out, threads=args.threads, engine=args.engine)
-    else:
-        run = train_run(out, vae, train)
+    # A wall-clock budget ends training as SIGTERM does: a checkpoint at the next step
+    # boundary, then the best checkpoint so far is evaluated (a rerun resumes the training).
+    timer, spent, stopped_by_budget = None, threading.Event(), False
+    if args.max_hours is not None:
+
+        def stop() -> None:
+            spent.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        def outside_training(signum: int, frame: object) -> None:
+            # the budget may fall just after fit restored this handler: then nothing is left
+            # to stop; any other SIGTERM ends the benchmark as by default
+            if not spent.is_set():
+                raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, outside_training)
+        timer = threading.Timer(3600 * args.max_hours, stop)
+        timer.daemon = True
+        timer.start()
+    try:
+        if (out / "checkpoints" / "last.ckpt").exists():
+            resume_run(out, threads=args.threads, engine=args.engine)
+        else:
+            train_run(out, vae, train)
+    except TrainingInterrupted:
+        if not spent.is_set():
+            raise  # a real Ctrl-C or SIGTERM, not the budget
+        stopped_by_budget = True
+    finally:
+        if timer is not None:
+            timer.cancel()
+            signal.signal(signal.SIGTERM, previous)
     train_seconds = time.perf_counter() - start
+    saved = out / "history.json"
+    history = json.loads(saved.read_text()) if saved.exists() else []
+    if not history:
+        raise SystemExit(f"{row}: no epoch finished within the budget; rerun to resume {out}")
     start = time.perf_counter()
     result = evaluate_run(
-        run.path,
+        out,
         iwae_samples=args.iwae_k,
         limit=args.test_images,
         device=args.device,
         progress=not args.no_progress,
     )
     eval_seconds = time.perf_counter() - start
-    best = max(run.history, key=lambda r: r["val_elbo"])
+    best = max(history, key=lambda r: r["val_elbo"])
     return {
         "row": row,
         "objective": train.objective,
@@ -127,10 +165,11 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         "prior": vae.prior,
         "budget_epochs": args.epochs,
         "patience": args.patience,
-        "epochs": len(run.history),
+        "epochs": len(history),
+        "stopped_by_time_budget_hours": args.max_hours if stopped_by_budget else None,
         "warmup_epochs": args.warmup_epochs if train.objective == "elbo" else 0,
         "best_epoch": best["epoch"],
-        "train_seconds_per_epoch": sum(r["train_seconds"] for r in run.history) / len(run.history),
+        "train_seconds_per_epoch": sum(r["train_seconds"] for r in history) / len(history),
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "test_images": result.n_images,
@@ -140,8 +179,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         "test_elbo": result.elbo,
         "test_elbo_se": result.elbo_se,
         "hardware": hardware(),
-        "run_path": str(run.path),
-        **surgery(run.path),
+        "run_path": str(out),
+        **surgery(out),
     }
 
 
@@ -185,7 +224,12 @@ def table(rows: list[dict]) -> str:
         [
             r["row"],
             f"{r['epochs']} of {r.get('budget_epochs', r['epochs'])} (best {r['best_epoch']}; "
-            f"warm-up {r['warmup_epochs']})",
+            f"warm-up {r['warmup_epochs']}"
+            + (
+                f"; stopped by the {r['stopped_by_time_budget_hours']} h budget)"
+                if r.get("stopped_by_time_budget_hours")
+                else ")"
+            ),
             f"{r['train_seconds_per_epoch']:.1f} s/epoch, eval {r['eval_seconds'] / 60:.1f} min",
             f"{r['test_log_px_iwae']:.2f} ± {r['test_log_px_iwae_se']:.2f}",
             f"{r['test_elbo']:.2f} ± {r['test_elbo_se']:.2f}",
@@ -242,6 +286,14 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=30, help="training epochs (the budget)")
     parser.add_argument("--warmup-epochs", type=int, default=10, help="KL warm-up epochs")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience")
+    parser.add_argument(
+        "--max-hours",
+        type=float,
+        default=None,
+        help="wall-clock budget of each row's training in this invocation: when spent, the "
+        "run stops as on SIGTERM (a checkpoint) and its best epoch so far is evaluated; a "
+        "rerun with --fresh or another --results resumes the training",
+    )
     parser.add_argument("--iwae-k", type=int, default=5000, help="importance samples")
     parser.add_argument("--test-images", type=int, default=None, help="first N test images")
     parser.add_argument("--seed", type=int, default=0, help="random seed")

@@ -312,6 +312,7 @@ def train_pyro_m2(
     z_dim: int = 50,
     hidden: int = 500,
     epsilon_scale: float = 0.0,
+    max_seconds: float | None = None,
     progress: bool = False,
 ) -> dict:
     """Train Pyro's SS-VAE M2 example on the caller's data and evaluate it on the test set.
@@ -329,6 +330,8 @@ def train_pyro_m2(
     :param seed: ``pyro.set_rng_seed(seed)`` before building the networks; epoch e shuffles and
         binarises with a ``torch.Generator`` seeded by ``ppl_vae.rng.sub_seed(seed, e)``.
     :param epsilon_scale: 0 (the example since Pyro 0.2) or the clip of the older example.
+    :param max_seconds: a training-time budget: no epoch starts once the epochs so far took
+        this long (so the example gets at least this much time); ``epochs`` stays the cap.
     :param progress: print one line per epoch.
     :returns: ``test_accuracy``; ``test_elbo`` (nats per test image: the negated
         ``TraceEnum_ELBO`` loss with y enumerated, one z draw per class, no-grad batches of
@@ -363,6 +366,8 @@ def train_pyro_m2(
     seconds = []
     generator = torch.Generator(device=device)
     for epoch in range(epochs):
+        if max_seconds is not None and sum(seconds) >= max_seconds:
+            break
         generator.manual_seed(sub_seed(seed, epoch))
         start = time.perf_counter()
         _run_epoch(losses, data, order, batch_size, generator)
@@ -387,7 +392,7 @@ def train_pyro_m2(
         "test_accuracy": accuracy,
         "test_elbo": test_elbo,
         "seconds_per_epoch": seconds,
-        "epochs": epochs,
+        "epochs": len(seconds),
         "settings": settings,
     }
 

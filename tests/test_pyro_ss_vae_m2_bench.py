@@ -110,3 +110,18 @@ def test_bad_input_is_refused(digits, change, error):
     change(call)
     with pytest.raises(error):
         m2.train_pyro_m2(**call)
+
+
+def test_a_time_budget_stops_at_the_first_epoch_boundary_past_it(digits, one_thread):
+    # budget 0: the first epoch may not start; a budget met after epoch k stops there, so the
+    # epochs run take at least the budget and at most one epoch more
+    small = {"seed": 1, "hidden": 16, "z_dim": 4}
+    none = m2.train_pyro_m2(*digits, epochs=5, max_seconds=0.0, **small)
+    assert none["epochs"] == 0 and none["seconds_per_epoch"] == []
+    capped = m2.train_pyro_m2(*digits, epochs=3, max_seconds=1e9, **small)
+    assert capped["epochs"] == 3
+    first = capped["seconds_per_epoch"][0]
+    budgeted = m2.train_pyro_m2(*digits, epochs=50, max_seconds=first, **small)
+    spent = sum(budgeted["seconds_per_epoch"])
+    assert 1 <= budgeted["epochs"] < 50
+    assert spent >= first and spent - budgeted["seconds_per_epoch"][-1] < first
