@@ -234,7 +234,6 @@ def main(args: argparse.Namespace) -> None:
                 row = run_pyro(data, labelled, args, budget)
             else:
                 row = run_classifier(data, labelled, args)
-            row.setdefault("epochs", args.epochs)
             row.update(
                 labels=n,
                 method=method,
