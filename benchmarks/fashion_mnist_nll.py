@@ -113,23 +113,25 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     # A wall-clock budget ends training as SIGTERM does: a checkpoint at the next step
     # boundary, then the best checkpoint so far is evaluated (a rerun resumes the training).
-    timer, spent, stopped_by_budget = None, threading.Event(), False
+    spent, finished, stopped_by_budget = threading.Event(), threading.Event(), False
     if args.max_hours is not None:
 
         def stop() -> None:
+            if finished.wait(3600 * args.max_hours):
+                return
             spent.set()
-            os.kill(os.getpid(), signal.SIGTERM)
+            # SIGTERM until training ends: one that lands while fit holds the handler stops
+            # it at a step boundary; one that lands before or after it is ignored below
+            while not finished.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished.wait(0.5)
 
         def outside_training(signum: int, frame: object) -> None:
-            # the budget may fall just after fit restored this handler: then nothing is left
-            # to stop; any other SIGTERM ends the benchmark as by default
-            if not spent.is_set():
+            if not spent.is_set():  # a SIGTERM from elsewhere ends the benchmark, as by default
                 raise SystemExit(128 + signum)
 
         previous = signal.signal(signal.SIGTERM, outside_training)
-        timer = threading.Timer(3600 * args.max_hours, stop)
-        timer.daemon = True
-        timer.start()
+        threading.Thread(target=stop, daemon=True).start()
     try:
         if (out / "checkpoints" / "last.ckpt").exists():
             resume_run(out, threads=args.threads, engine=args.engine)
@@ -140,8 +142,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
             raise  # a real Ctrl-C or SIGTERM, not the budget
         stopped_by_budget = True
     finally:
-        if timer is not None:
-            timer.cancel()
+        finished.set()
+        if args.max_hours is not None:
             signal.signal(signal.SIGTERM, previous)
     train_seconds = time.perf_counter() - start
     saved = out / "history.json"
