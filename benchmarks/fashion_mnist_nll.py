@@ -106,14 +106,11 @@ def _configs(row: str, args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig
     return vae, train
 
 
-def run_row(row: str, args: argparse.Namespace) -> dict:
-    """Train one row (resuming its folder when it holds a stopped run) and evaluate it."""
-    vae, train = _configs(row, args)
-    out = Path(args.out) / f"{row.replace(':', '-')}_{args.epochs}ep"
-    start = time.perf_counter()
-    # A wall-clock budget ends training as SIGTERM does: a checkpoint at the next step
-    # boundary, then the best checkpoint so far is evaluated (a rerun resumes the training).
-    spent, finished, stopped_by_budget = threading.Event(), threading.Event(), False
+def _train(out: Path, vae: VAEConfig, train: TrainConfig, args: argparse.Namespace) -> bool:
+    """Train (or resume) the row's run folder; with ``--max-hours``, stop when the budget is
+    spent as SIGTERM does: a checkpoint at the next step boundary. True when the budget
+    stopped it."""
+    spent, finished = threading.Event(), threading.Event()
     if args.max_hours is not None:
 
         def stop() -> None:
@@ -140,11 +137,20 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     except TrainingInterrupted:
         if not spent.is_set():
             raise  # a real Ctrl-C or SIGTERM, not the budget
-        stopped_by_budget = True
+        return True
     finally:
         finished.set()
         if args.max_hours is not None:
             signal.signal(signal.SIGTERM, previous)
+    return False
+
+
+def run_row(row: str, args: argparse.Namespace) -> dict:
+    """Train one row (resuming its folder when it holds a stopped run) and evaluate it."""
+    vae, train = _configs(row, args)
+    out = Path(args.out) / f"{row.replace(':', '-')}_{args.epochs}ep"
+    start = time.perf_counter()
+    stopped_by_budget = _train(out, vae, train, args)
     train_seconds = time.perf_counter() - start
     saved = out / "history.json"
     history = json.loads(saved.read_text()) if saved.exists() else []
