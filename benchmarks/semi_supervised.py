@@ -17,7 +17,7 @@ Results go to a JSON file row by row; a rerun skips the rows it holds, so a long
 stopped continues where it was (``--fresh`` starts over). Usage::
 
     python benchmarks/semi_supervised.py --labels 100,600,1000,3000 --epochs 5 --threads 1
-    python benchmarks/semi_supervised.py --labels 100,600 --epochs 40 --equal-time \
+    python benchmarks/semi_supervised.py --labels 100,600 --epochs 40 --equal-time \\
         --labelled-batch 100 --labelled-weight 1 --alpha 50   # Pyro given ppl-vae's time
     python benchmarks/semi_supervised.py --quick        # digits, a smoke run of the table
 """
