@@ -50,7 +50,6 @@ def test_the_budget_stops_training_and_the_best_epoch_is_evaluated(tmp_path, mon
     assert row["stopped_by_time_budget_hours"] == pytest.approx(3.0 / 3600)
     assert 1 <= row["epochs"] < EPOCHS and 1 <= row["best_epoch"] <= row["epochs"]
     assert row["test_images"] == 50 and row["iwae_k"] == 4
-    assert row["test_elbo"] <= row["test_log_px_iwae"] + 4 * row["test_log_px_iwae_se"]
     # a second budget resumes the same folder where the first one stopped
     again = nll.run_row("vae", _args(tmp_path, 1.0 / 3600))
     assert again["run_path"] == row["run_path"] and again["epochs"] > row["epochs"]
