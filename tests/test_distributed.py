@@ -461,9 +461,10 @@ def test_sigterm_to_the_nproc_launcher_stops_every_rank_at_one_step(reference, t
     code, _, err = _wait(launcher, 180)
     assert code == 143, err
     lines = err.strip().splitlines()
-    # The launcher's teardown can end rank 0 before it prints (seen once in a loaded 2-core
-    # run): one or both ranks' lines, and nothing else.
-    assert 1 <= len(lines) <= 2, lines
-    assert all("interrupted by SIGTERM after step" in line for line in lines), lines
+    # Both ranks' messages, each whole on its own line (they share the launcher's stderr:
+    # a message written in two pieces could run into the other rank's), and nothing else.
+    assert len(lines) == 2, lines
+    assert all(line.count("interrupted by SIGTERM after step") == 1 for line in lines), lines
+    assert {line.split("(rank ")[1][0] for line in lines} == {"0", "1"}, lines
     assert len({line.split("step ")[1].split()[0] for line in lines}) == 1, lines
     _resume_on_two_ranks_to(reference, run)

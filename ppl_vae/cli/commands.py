@@ -53,17 +53,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning(args.command)
             return args.handler(args)
     except TrainingInterrupted as stop:
-        print(f"{_prog(args)}: {stop}", file=sys.stderr)
+        _say(f"{_prog(args)}: {stop}")
         return stop.exit_code
     except KeyboardInterrupt:
-        print(f"{_prog(args)}: interrupted", file=sys.stderr)
+        _say(f"{_prog(args)}: interrupted")
         return 128 + signal.SIGINT
     except PplVaeError as error:
-        print(f"{_prog(args)}: error: {_message(args, error)}", file=sys.stderr)
+        _say(f"{_prog(args)}: error: {_message(args, error)}")
         return error.exit_code
     except (ValueError, FileNotFoundError) as error:
-        print(f"{_prog(args)}: error: {_message(args, error)}", file=sys.stderr)
+        _say(f"{_prog(args)}: error: {_message(args, error)}")
         return EXIT_INPUT
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr in one write: the ranks of ``--nproc`` share one pipe, and
+    ``print``'s separate write of the newline let two ranks' messages run into one line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _prog(args: argparse.Namespace) -> str:
@@ -80,7 +87,7 @@ def _one_line_warning(command: str) -> Callable[..., None]:
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, EngineFallbackWarning):
-            print(f"ppl-vae {command}: warning: {message}", file=sys.stderr)
+            _say(f"ppl-vae {command}: warning: {message}")
         else:
             default(message, category, filename, lineno, file, line)
 
