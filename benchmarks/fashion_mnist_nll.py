@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -284,7 +285,9 @@ def main(args: argparse.Namespace) -> None:
     print(table(rows))
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the rows; the exit code (143 after a SIGTERM from
+    elsewhere, with one line saying where the checkpoint is)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--rows",
@@ -320,6 +323,15 @@ if __name__ == "__main__":
     parser.add_argument(
         "--surgery", action="store_true", help="compute the saved rows' ELBO surgery again"
     )
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
     arguments.rows = arguments.rows.split(",")
-    main(arguments)
+    try:
+        main(arguments)
+    except TrainingInterrupted as stop:  # Ctrl-C or a SIGTERM from elsewhere: one line
+        print(f"fashion_mnist_nll.py: {stop}; or rerun this command", file=sys.stderr)
+        return stop.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -4,7 +4,11 @@ resumes the same run folder. On the digits, with the benchmark's row logic uncha
 
 import argparse
 import importlib
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,28 @@ def test_a_budget_too_short_for_one_epoch_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(nll, "_configs", lambda row, args: _digits(row, args, batch_size=1))
     with pytest.raises(SystemExit, match="no epoch finished within the budget"):
         nll.run_row("vae", _args(tmp_path, 1e-9))
+
+
+def test_a_sigterm_from_elsewhere_ends_the_benchmark_with_one_line(tmp_path):
+    """SIGTERM to the benchmark's process (not its own budget) mid-training: exit 143 and
+    one line saying where the checkpoint is, no traceback."""
+    root = Path(__file__).resolve().parent.parent
+    argv = ["--rows", "vae", "--epochs", str(EPOCHS), "--threads", "1", "--no-progress"]
+    argv += ["--out", str(tmp_path), "--results", str(tmp_path / "rows.json")]
+    script = (
+        "import sys; sys.path[:0] = ['benchmarks', '.']\n"
+        "import fashion_mnist_nll as nll; from tests.test_nll_benchmark_budget import _digits\n"
+        f"nll._configs = _digits; sys.exit(nll.cli({argv!r}))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stderr=subprocess.PIPE)
+    history = tmp_path / f"vae_{EPOCHS}ep" / "history.json"
+    deadline = time.monotonic() + 120
+    while not history.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 143, lines
+    assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0], lines
+    assert "checkpoint written to" in lines[0], lines
