@@ -631,7 +631,7 @@ class LoopRow(PyroRow, MemoryRow):
     def setup(self, data: BenchData, device: torch.device, seed: int) -> None:
         from ppl_vae.training import TrainConfig, run_configuration
         from ppl_vae.training.files import RunFiles
-        from ppl_vae.training.loop import _Loop
+        from ppl_vae.training.loop import TrainingLoop
         from ppl_vae.training.signals import StopFlag
 
         self.device, self.data = device, data
@@ -649,7 +649,7 @@ class LoopRow(PyroRow, MemoryRow):
         )
         files = RunFiles(None, configuration=run_configuration(config), modules=self.vae.modules)
         self.enter()
-        self.loop = _Loop(
+        self.loop = TrainingLoop(
             self.vae.model,
             self.vae.guide,
             data.train,
