@@ -374,7 +374,7 @@ def test_history_and_checkpoints_written(digits, tmp_path):
     recorded = json.loads((tmp_path / "config.json").read_text())
     assert recorded == {"train": config.to_dict(), "vae": {"z_dim": 4, "hidden": [32]}}
     assert TrainConfig.from_dict(recorded["train"]) == config
-    runtime = ("device", "progress", "threads", "checkpoint_every", "engine")
+    runtime = ("device", "progress", "threads", "checkpoint_every", "engine", "flush_subnormals")
     stable = {**recorded, "train": {k: v for k, v in recorded["train"].items() if k not in runtime}}
     text = json.dumps(stable, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -249,6 +249,7 @@ def resume_run(
     checkpoint_every: int | None = None,
     data_dir: str | None = None,
     engine: str | None = None,
+    flush_subnormals: bool | None = None,
     distributed: Distributed | None = None,
 ) -> TrainedRun:
     """Continue a stopped run from ``checkpoints/last.ckpt`` with its own configuration
@@ -259,8 +260,8 @@ def resume_run(
     :param expect: settings the caller asks for, nested as in ``config.json`` (``{"vae":
         {"z_dim": 8}}``); any that differ from the run's own are refused.
     :param device: run on another device (``device``, ``progress``, ``threads``,
-        ``checkpoint_every`` and ``engine`` may change; ``None`` keeps the saved value;
-        ``config.json`` then records the new values).
+        ``checkpoint_every``, ``engine`` and ``flush_subnormals`` may change; ``None`` keeps
+        the saved value; ``config.json`` then records the new values).
     :param data_dir: where the data set is now, when it moved (``config.json`` keeps the
         folder it was trained from).
     :param distributed: resume as this rank of a ``torchrun`` job. The run's numbers do not
@@ -295,6 +296,7 @@ def resume_run(
         "threads": threads,
         "checkpoint_every": checkpoint_every,
         "engine": engine,
+        "flush_subnormals": flush_subnormals,
     }
     given = {key: value for key, value in runtime.items() if value is not None}
     train_config = _saved_train_config(settings, **given)

@@ -54,7 +54,14 @@ HISTORY_COLUMNS = (
 )
 """Columns of a history row (and of ``history.csv``), in order; see :class:`History`."""
 
-RUNTIME_SETTINGS = ("device", "progress", "threads", "checkpoint_every", "engine")
+RUNTIME_SETTINGS = (
+    "device",
+    "progress",
+    "threads",
+    "checkpoint_every",
+    "engine",
+    "flush_subnormals",
+)
 """TrainConfig fields that may differ when a run is resumed: where and how it runs, not
 what it computes. (Other thread counts, devices or engines can change the last bits.)"""
 
@@ -118,6 +125,9 @@ class TrainConfig:
         loss and its gradients captured once per batch shape and replayed as an inductor
         graph (CUDA graphs on a GPU), the same noise and numbers to float rounding; a pair
         that cannot be captured trains eagerly after a one-line warning. Not with Jit ELBOs.
+    :param flush_subnormals: train with float results below 2^-126 (subnormals) read as 0
+        on the CPU (:mod:`~ppl_vae.training.subnormals`): Adam's moments of rarely-active
+        weights otherwise decay through that range, where arithmetic is ~100x slower.
     """
 
     epochs: int = 10
@@ -141,6 +151,7 @@ class TrainConfig:
     objective: str = "elbo"
     patience: int | None = None
     engine: str = "eager"
+    flush_subnormals: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_particles", "max_plate_nesting"):
@@ -154,6 +165,10 @@ class TrainConfig:
         except ValueError as error:
             raise ValueError(f"TrainConfig.beta: {error}") from None
         _finite_at_least("free_bits", self.free_bits, 0)
+        if not isinstance(self.flush_subnormals, bool):
+            raise ValueError(
+                f"TrainConfig.flush_subnormals must be True or False, got {self.flush_subnormals!r}"
+            )
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"TrainConfig.lr_gamma must lie in (0, 1], got {self.lr_gamma!r}")
         if not 0 <= self.lr_min < self.lr:

@@ -60,6 +60,7 @@ from ppl_vae.training.files import RunFiles
 from ppl_vae.training.loop import TrainingLoop
 from ppl_vae.training.run_config import run_configuration
 from ppl_vae.training.signals import catch_signals
+from ppl_vae.training.subnormals import flushing_subnormals
 
 __all__ = ["fit"]
 
@@ -165,6 +166,7 @@ def fit(
     files = RunFiles(out if main else None, configuration=configuration, modules=modules)
     with (
         torch_threads(config.threads),
+        flushing_subnormals(config.flush_subnormals),  # after the thread count: all threads
         warnings.catch_warnings(),
         catch_signals(handle_signals and out is not None) as stop,
     ):
