@@ -50,7 +50,9 @@ def test_the_block_flushes_on_this_thread_and_puts_the_mode_back():
 def test_torch_worker_threads_flush_too_and_are_put_back():
     """A parallel kernel splits the tensor between the threads: every element, whichever
     thread computes it, reads its subnormal input as 0 (with only the calling thread's mode
-    set, the other thread's share would stay 2^-127)."""
+    set, the other thread's share would stay 2^-127). The digits come through scikit-learn,
+    which loads an OpenMP runtime of its own beside torch's: the mode must reach torch's."""
+    data.load("digits")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -12,9 +12,9 @@ digits). XLA (so JAX and NumPyro) computes this way on the CPU.
 
 The modes are per thread. ``torch.set_flush_denormal`` sets the calling thread's; the
 OpenMP threads that run torch's parallel kernels get the same floating-point environment
-through the OpenMP runtime torch loaded (``GOMP_parallel`` running the C library's
-``fesetenv`` on each of them), where both are found; otherwise only the calling thread
-flushes, which covers one-thread training.
+through the OpenMP runtime torch loaded from its own package (``GOMP_parallel`` running
+the C library's ``fesetenv`` on each of them), where both are found; otherwise only the
+calling thread flushes, which covers one-thread training.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -31,12 +32,18 @@ __all__ = ["flushes_subnormals", "flushing_subnormals"]
 
 _TINY = torch.finfo(torch.float32).tiny
 _OPENMP = re.compile(r"lib[gi]?omp")  # GNU's, Intel's (GOMP-compatible) or LLVM's runtime
+_TORCH = ("torch", "torch.libs")  # where torch's wheels keep the runtime they load
 _ENV_BYTES = 64  # glibc's fenv_t is 32 bytes on x86-64; room to spare
 
 
 def flushes_subnormals() -> bool:
     """Whether this thread's float32 arithmetic flushes subnormal results to zero."""
     return bool(torch.tensor([_TINY]).mul_(0.5).item() == 0.0)
+
+
+def _top_folder(path: Path, root: Path) -> str | None:
+    """The folder of ``root`` that holds ``path``, or ``None`` when it lies outside."""
+    return path.relative_to(root).parts[0] if path.is_relative_to(root) else None
 
 
 class _OpenMPThreads:
@@ -51,17 +58,21 @@ class _OpenMPThreads:
 
     @classmethod
     def find(cls) -> _OpenMPThreads | None:
-        """The OpenMP runtime torch's parallel kernels use, when it is one this process has
-        loaded and the C library has ``fesetenv``; else ``None``."""
+        """The OpenMP runtime torch's parallel kernels use: the one loaded from torch's own
+        package, or the only one loaded (other packages bring their own: scikit-learn's
+        libgomp has threads of its own); else ``None``."""
         if "OpenMP" not in torch.__config__.parallel_info():
             return None
         name = ctypes.util.find_library("m")
+        site = Path(torch.__file__).resolve().parent.parent
         try:
             with open("/proc/self/maps") as maps:
                 paths = {
                     line.split()[-1] for line in maps if _OPENMP.match(line.rsplit("/", 1)[-1])
                 }
-            for path in sorted(paths):
+            own = [p for p in paths if _top_folder(Path(p).resolve(), site) in _TORCH]
+            candidates = own or (sorted(paths) if len(paths) == 1 else [])
+            for path in candidates:
                 library = ctypes.CDLL(path)
                 if hasattr(library, "GOMP_parallel") and name is not None:
                     return cls(library, ctypes.CDLL(name))
