@@ -242,11 +242,15 @@ class MemoryRow(Row):
 
 
 class TorchBaseline(MemoryRow):
-    """The hand-written loop; ``fused`` selects torch's fused Adam kernel (an extra row)."""
+    """The hand-written loop; ``fused`` selects torch's fused Adam kernel, ``flush`` the float
+    mode ``fit`` trains in (subnormals read as zero) around each epoch (extra rows)."""
 
-    def __init__(self, fused: bool = False, autocast: bool = False) -> None:
-        self.fused, self.autocast = fused, autocast
-        if autocast:
+    def __init__(self, fused: bool = False, autocast: bool = False, flush: bool = False) -> None:
+        self.fused, self.autocast, self.flush = fused, autocast, flush
+        if flush:
+            self.key, self.label = "torch-ftz", "hand-written PyTorch, subnormals flushed"
+            self.note = "the baseline in fit's default float mode (flush_subnormals)"
+        elif autocast:
             self.key, self.label = "torch-bf16", "hand-written PyTorch, bfloat16 autocast"
             self.note = "the baseline's forward under torch.autocast(bfloat16)"
         elif fused:
@@ -264,6 +268,8 @@ class TorchBaseline(MemoryRow):
         self.loss_fn = functools.partial(handwritten_loss, self.encoder, self.decoder)
 
     def epoch(self, index: int) -> dict[str, float]:
+        from ppl_vae.training.subnormals import flushing_subnormals
+
         def run() -> None:
             total = torch.zeros((), device=self.device)
             for x in self.batches():
@@ -275,7 +281,8 @@ class TorchBaseline(MemoryRow):
                 total += loss.detach()
             self.train_loss = float(total)
 
-        return _timed_epoch(run, self.device)
+        with flushing_subnormals(self.flush):
+            return _timed_epoch(run, self.device)
 
 
 class CompiledBaseline(TorchBaseline):
@@ -623,7 +630,9 @@ class FitRow(PyroRow, MemoryRow):
 class LoopRow(PyroRow, MemoryRow):
     """``fit``'s own loop (engine, batch order, NaN guard; no files) built once and run one
     epoch per round, as one many-epoch ``fit`` call runs it, so that the compiled engine's
-    graphs are captured once (in the warm-up round, timed there as its first compile)."""
+    graphs are captured once (in the warm-up round, timed there as its first compile). Each
+    epoch runs in ``fit``'s floating-point mode (subnormals flushed by default), set around
+    the epoch only, so that the interleaved rows keep theirs."""
 
     def __init__(self, key: str, label: str, note: str, engine: str) -> None:
         self.key, self.label, self.note, self.engine_name = key, label, note, engine
@@ -663,13 +672,16 @@ class LoopRow(PyroRow, MemoryRow):
             beta_schedule=None,
             stop=StopFlag(),
         )
+        self.flush_subnormals = config.flush_subnormals
         self.leave()
 
     def epoch(self, index: int) -> dict[str, float]:
         from ppl_vae.training.progress import Progress
+        from ppl_vae.training.subnormals import flushing_subnormals
 
         progress = Progress(total=1, initial=0, enabled=False, label="elbo", last_row=None)
-        clocks, row = timed(lambda: self.loop._epoch(index + 1, progress), self.device)
+        with flushing_subnormals(self.flush_subnormals):
+            clocks, row = timed(lambda: self.loop._epoch(index + 1, progress), self.device)
         compiled = self.loop.engine.compiled
         if compiled is not None and index == 0:
             self.first_compile = compiled.setup_seconds  # capture + inductor, both shapes
@@ -754,6 +766,7 @@ def extra_rows() -> list[Row]:
             elbo="jit-trace",
             step_kwargs=lean,
         ),
+        TorchBaseline(flush=True),
     ]
 
 
