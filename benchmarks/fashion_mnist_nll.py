@@ -103,6 +103,8 @@ def _configs(row: str, args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig
         progress=not args.no_progress,
         threads=args.threads,
         engine=args.engine,
+        lr_schedule=args.lr_schedule,
+        lr_min=args.lr_min,
     )
     return vae, train
 
@@ -146,10 +148,17 @@ def _train(out: Path, vae: VAEConfig, train: TrainConfig, args: argparse.Namespa
     return False
 
 
+def run_folder(row: str, args: argparse.Namespace) -> Path:
+    """The row's run folder: its budget and learning-rate schedule name it, so that a rerun
+    resumes only the same training."""
+    schedule = f"_{args.lr_schedule}" if args.lr_schedule else ""
+    return Path(args.out) / f"{row.replace(':', '-')}_{args.epochs}ep{schedule}"
+
+
 def run_row(row: str, args: argparse.Namespace) -> dict:
     """Train one row (resuming its folder when it holds a stopped run) and evaluate it."""
     vae, train = _configs(row, args)
-    out = Path(args.out) / f"{row.replace(':', '-')}_{args.epochs}ep"
+    out = run_folder(row, args)
     start = time.perf_counter()
     stopped_by_budget = _train(out, vae, train, args)
     train_seconds = time.perf_counter() - start
@@ -174,6 +183,9 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         "prior": vae.prior,
         "budget_epochs": args.epochs,
         "patience": args.patience,
+        "lr": train.lr,
+        "lr_schedule": train.lr_schedule,
+        "lr_min": train.lr_min if train.lr_schedule == "cosine" else None,
         "epochs": len(history),
         "stopped_by_time_budget_hours": args.max_hours if stopped_by_budget else None,
         "warmup_epochs": args.warmup_epochs if train.objective == "elbo" else 0,
@@ -305,6 +317,14 @@ def cli(argv: list[str] | None = None) -> int:
         "run stops as on SIGTERM (a checkpoint) and its best epoch so far is evaluated; a "
         "rerun with --fresh or another --results resumes the training",
     )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "exponential"),
+        default=None,
+        help="learning rate per epoch: cosine anneals 5e-4 towards --lr-min over --epochs "
+        "(default: constant)",
+    )
+    parser.add_argument("--lr-min", type=float, default=0.0, help="the cosine schedule's last rate")
     parser.add_argument("--iwae-k", type=int, default=5000, help="importance samples")
     parser.add_argument("--test-images", type=int, default=None, help="first N test images")
     parser.add_argument("--seed", type=int, default=0, help="random seed")

@@ -43,6 +43,9 @@ def _args(tmp_path: Path, hours: float) -> argparse.Namespace:
         engine="eager",
         no_progress=True,
         out=str(tmp_path),
+        lr_schedule=None,
+        lr_min=0.0,
+        seed=0,
     )
 
 
@@ -57,6 +60,17 @@ def test_the_budget_stops_training_and_the_best_epoch_is_evaluated(tmp_path, mon
     # a second budget resumes the same folder where the first one stopped
     again = nll.run_row("vae", _args(tmp_path, 1.0 / 3600))
     assert again["run_path"] == row["run_path"] and again["epochs"] > row["epochs"]
+
+
+def test_a_learning_rate_schedule_is_a_run_of_its_own(tmp_path):
+    """--lr-schedule reaches the row's TrainConfig and names another run folder: a cosine
+    run never resumes a constant-rate one of the same row and budget."""
+    constant = _args(tmp_path, None)
+    cosine = argparse.Namespace(**{**vars(constant), "lr_schedule": "cosine", "lr_min": 1e-5})
+    _, train = nll._configs("gated+vamp:500", cosine)
+    assert (train.lr_schedule, train.lr_min, train.lr) == ("cosine", 1e-5, 5e-4)
+    assert nll._configs("gated+vamp:500", constant)[1].lr_schedule is None
+    assert nll.run_folder("vae", cosine) != nll.run_folder("vae", constant)
 
 
 def test_a_budget_too_short_for_one_epoch_is_refused(tmp_path, monkeypatch):
